@@ -1,0 +1,179 @@
+"""Plain domain types shared by every layer: sampling knobs, generation requests and their events.
+
+Nothing here imports a framework. Dialects translate their wire fields into these; the engine
+consumes them and produces `TextDelta` / `Finish` events; services log `RequestRecord`s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from rwkv_gateway.errors import InvalidParameter
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a finite number, got {value!r}", param=name)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Every sampling knob any dialect exposes. Dialects map their own names and defaults onto these.
+
+    temperature <= 0 means greedy. top_p 1 and top_k 0 disable those filters. Mirostat v2 is on when
+    `mirostat_tau` is set (it then replaces top_p/top_k/min_p). Penalties follow the RWKV convention:
+    presence/frequency are subtracted from logits of tokens already generated and decay by
+    `penalty_decay` each step; `repetition_penalty` divides positive logits (and multiplies negative
+    ones) of tokens already seen, as Baidu's `penalty_score` and role-play `presence_penalty` do.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    mirostat_tau: float | None = None
+    mirostat_eta: float = 0.1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_decay: float = 1.0
+    repetition_penalty: float = 1.0
+    #: Count prompt tokens as "seen" for the multiplicative repetition penalty.
+    penalize_prompt: bool = False
+    banned_tokens: frozenset[int] = frozenset()
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidParameter naming the first bad field."""
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "mirostat_eta",
+            "presence_penalty",
+            "frequency_penalty",
+            "penalty_decay",
+            "repetition_penalty",
+        ):
+            _finite(name, getattr(self, name))
+        if self.mirostat_tau is not None:
+            _finite("mirostat_tau", self.mirostat_tau)
+            if self.mirostat_tau <= 0:
+                raise InvalidParameter("mirostat_tau must be > 0", param="mirostat_tau")
+            if self.mirostat_eta <= 0:
+                raise InvalidParameter("mirostat_eta must be > 0", param="mirostat_eta")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InvalidParameter(f"top_p must be in [0, 1], got {self.top_p}", param="top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidParameter(f"top_k must be an integer >= 0, got {self.top_k!r}", param="top_k")
+        if self.repetition_penalty <= 0:
+            raise InvalidParameter("repetition_penalty must be > 0", param="repetition_penalty")
+        if not 0.0 <= self.penalty_decay <= 1.0:
+            raise InvalidParameter("penalty_decay must be in [0, 1]", param="penalty_decay")
+        for tok in self.banned_tokens:
+            if not isinstance(tok, int) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise InvalidParameter(f"banned token {tok!r} is not a token id", param="banned_tokens")
+        for tok, bias in self.logit_bias.items():
+            if not isinstance(tok, int) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise InvalidParameter(f"logit_bias key {tok!r} is not a token id", param="logit_bias")
+            _finite("logit_bias", bias)
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidParameter("seed must be an integer", param="seed")
+
+
+@runtime_checkable
+class Snapshot(Protocol):
+    """An immutable RNN state snapshot held by the engine (opaque above the engine)."""
+
+    @property
+    def token_count(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation: a prompt (text or token ids) continued from an optional snapshot."""
+
+    prompt: str | None = None
+    prompt_tokens: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    #: End on the tokenizer's end-of-text token (id 0 in the World vocabulary).
+    stop_on_eos: bool = True
+    initial_state: Snapshot | None = None
+    #: Ask for the final state snapshot in `Finish.state`.
+    return_state: bool = False
+    timeout_s: float | None = None
+    dialect: str = "internal"
+    user: str | None = None
+    api_key_id: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text (always whole characters) and the token ids that produced it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The last event of every stream."""
+
+    reason: FinishReason
+    usage: Usage
+    state: Snapshot | None = None
+    error: str | None = None
+    #: The stop string or stop token id that ended the sequence, if any.
+    stop_matched: str | int | None = None
+
+
+TokenEvent = TextDelta | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What the request log keeps about one finished generation."""
+
+    request_id: str
+    dialect: str
+    user: str | None
+    api_key_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    total_ms: float
+    finish_reason: str
+    created_at: float = field(default_factory=time.time)

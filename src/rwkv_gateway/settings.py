@@ -1,0 +1,82 @@
+"""The one settings object: every option of the service, from `RWKV_GATEWAY_*` variables or the CLI.
+
+Only this module (and the engine's environment setup for the `rwkv` package) reads `os.environ`.
+Settings are built once by the composition root and passed explicitly to whatever needs them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Strategy strings the `rwkv` package accepts ("cuda fp16", "cpu fp32", "cuda fp16i8 *10 -> cpu fp32").
+STRATEGY_RE = re.compile(
+    r"^(?:(?:^|->) *(?:cuda(?::[\d]+)?|cpu|mps|dml) (?:fp(?:16|32)|bf16)(?:i8|i4|i3)?(?: \*[\d]+\+?)? *)+$"
+)
+#: RWKV-7 models in the `rwkv` package take only a single "device dtype" pair.
+V7_STRATEGY_RE = re.compile(r"^(?:cuda(?::\d+)?|cpu) (?:fp16|fp32|bf16)$")
+
+
+class Settings(BaseSettings):
+    """Everything configurable. CLI options override environment variables, which override defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="RWKV_GATEWAY_", extra="ignore", validate_default=True)
+
+    # Model
+    model: Path | None = Field(default=None, description="RWKV checkpoint (.pth); none serves the demo model")
+    strategy: str = Field(default="cpu fp32", description='rwkv package strategy, e.g. "cuda fp16"')
+    tokenizer: Path | None = Field(default=None, description="tokenizers JSON for Pile-vocabulary models")
+    model_name: str | None = Field(default=None, description="model id shown to clients (default: file stem)")
+    jit: bool = Field(default=True, description="RWKV_JIT_ON for the rwkv package")
+    cuda_kernels: bool = Field(default=False, description="RWKV_CUDA_ON: compile the rwkv package's CUDA kernels")
+    demo_layers: int = Field(default=2, ge=1, le=64)
+    demo_embd: int = Field(default=128, ge=64, le=4096)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path("./data")
+    db_url: str | None = Field(default=None, description="SQLAlchemy async URL (default: SQLite in data dir)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Engine
+    queue_size: int = Field(default=256, ge=1, description="requests waiting for a batch slot")
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="sequences advanced together")
+    prefill_chunk: int = Field(default=128, ge=1, le=8192, description="prompt tokens per sequence per step")
+    prefill_budget: int = Field(default=512, ge=1, description="prompt tokens across all sequences per step")
+    state_cache_mb: int = Field(default=1024, ge=0, description="RAM budget for cached state snapshots")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_prompt_tokens: int = Field(default=32768, ge=1)
+    max_new_tokens: int = Field(default=4096, ge=1, description="upper bound for any request's max_tokens")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_syntax(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not STRATEGY_RE.match(value):
+            raise ValueError(f'invalid strategy {value!r}: expected e.g. "cpu fp32", "cuda fp16", "cuda fp16i8"')
+        return value
+
+    @model_validator(mode="after")
+    def _budget_covers_chunk(self) -> Settings:
+        if self.prefill_budget < self.prefill_chunk:
+            self.prefill_budget = self.prefill_chunk
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / "states"
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def demo_model_path(self) -> Path:
+        return self.data_dir / "demo" / f"rwkv7-demo-L{self.demo_layers}-D{self.demo_embd}.pth"
