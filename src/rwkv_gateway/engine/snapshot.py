@@ -77,16 +77,31 @@ class StateSnapshot:
     model_id: str
     version: str
     token_count: int
+    #: The logits after the last token fed (float32 [V]), so generation can start from the snapshot
+    #: without feeding anything (regenerate, continue). None for snapshots that only seed a prompt.
+    logits: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.flat.numel() * self.flat.element_size())
+        n = self.flat.numel() * self.flat.element_size()
+        if self.logits is not None:
+            n += self.logits.numel() * self.logits.element_size()
+        return int(n)
 
     @classmethod
-    def capture(cls, state: list[torch.Tensor], *, model_id: str, version: str, token_count: int) -> StateSnapshot:
+    def capture(
+        cls,
+        state: list[torch.Tensor],
+        *,
+        model_id: str,
+        version: str,
+        token_count: int,
+        logits: torch.Tensor | None = None,
+    ) -> StateSnapshot:
         layout = StateLayout.of(state)
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state])
-        return cls(flat=flat, layout=layout, model_id=model_id, version=version, token_count=token_count)
+        kept = None if logits is None else logits.detach().reshape(-1).to(torch.float32, copy=True)
+        return cls(flat=flat, layout=layout, model_id=model_id, version=version, token_count=token_count, logits=kept)
 
     def restore(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
         """A fresh live state (new tensors) on `device` (default: where the snapshot lives)."""

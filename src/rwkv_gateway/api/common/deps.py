@@ -1,0 +1,28 @@
+"""Shared route dependencies: collaborators read from `request.app.state`, set up by the lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from rwkv_gateway.engine.scheduler import Scheduler
+from rwkv_gateway.errors import NotReady
+from rwkv_gateway.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Scheduler:
+    """The engine, or NotReady while the model is still loading (or failed to load)."""
+    engine: Scheduler | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise NotReady("the model is still loading")
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Scheduler, Depends(get_engine)]

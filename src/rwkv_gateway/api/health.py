@@ -1,0 +1,44 @@
+"""Liveness and readiness probes for orchestrators and load balancers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> JSONResponse | dict[str, Any]:
+    """503 until the model is loaded (or while draining); then the model and engine load figures."""
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    if engine is None or getattr(state, "draining", False):
+        body: dict[str, Any] = {"status": "draining" if engine is not None else "loading"}
+        error = getattr(state, "load_error", None)
+        if error:
+            body = {"status": "failed", "error": error}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    info = engine.info
+    stats = engine.stats()
+    return {
+        "status": "ready",
+        "model": info.name,
+        "model_id": info.model_id,
+        "rwkv_version": info.version,
+        "strategy": info.strategy,
+        "demo_model": info.is_demo,
+        "n_layer": info.n_layer,
+        "n_embd": info.n_embd,
+        "vocab_size": info.vocab_size,
+        "queue_depth": stats["queue_depth"],
+        "active_sequences": stats["active_sequences"],
+    }

@@ -1,0 +1,124 @@
+"""Composition root: `create_app(settings)` builds the FastAPI app; its lifespan owns every resource.
+
+Start-up order: data dir, database migrations, DB engine, request logger, then the model — loaded in a
+worker thread so `/healthz` answers at once and `/readyz` says 503 until the model is in. Tear-down
+runs in reverse. Nothing here happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from rwkv_gateway import __version__
+from rwkv_gateway.api import health
+from rwkv_gateway.db.migrate import upgrade
+from rwkv_gateway.db.session import create_db_engine, make_session_factory
+from rwkv_gateway.engine import runtime
+from rwkv_gateway.engine.scheduler import Scheduler
+from rwkv_gateway.errors import GatewayError, ServerBusy
+from rwkv_gateway.services.requestlog import RequestLogger
+from rwkv_gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def _load_engine(app: FastAPI, settings: Settings, request_logger: RequestLogger) -> None:
+    state = app.state
+    try:
+        loaded = await asyncio.to_thread(runtime.load, settings)
+        engine = runtime.build_scheduler(settings, loaded, on_finish=request_logger.record)
+        await engine.start()
+    except GatewayError as exc:
+        state.load_error = exc.message
+        logger.error("model load failed: %s", exc.message)
+        on_fail: Callable[[], None] | None = getattr(state, "on_load_failure", None)
+        if on_fail is not None:
+            on_fail()
+        return
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        logger.exception("model load failed")
+        on_fail = getattr(state, "on_load_failure", None)
+        if on_fail is not None:
+            on_fail()
+        return
+    state.engine = engine
+    state.model_ready.set()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    settings: Settings = state.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(upgrade, settings.database_url)
+    db_engine = create_db_engine(settings.database_url)
+    state.db_engine = db_engine
+    state.sessions = make_session_factory(db_engine)
+    request_logger = RequestLogger(state.sessions)
+    await request_logger.start()
+    state.request_logger = request_logger
+    state.model_ready = asyncio.Event()
+    state.load_error = None
+    injected: Scheduler | None = state.injected_engine
+    load_task: asyncio.Task[None] | None = None
+    if injected is not None:
+        if injected.on_finish is None:
+            injected.on_finish = request_logger.record
+        await injected.start()
+        state.engine = injected
+        state.model_ready.set()
+    else:
+        load_task = asyncio.create_task(_load_engine(app, settings, request_logger), name="model-load")
+    try:
+        yield
+    finally:
+        if load_task is not None and not load_task.done():
+            load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await load_task
+        engine: Scheduler | None = getattr(state, "engine", None)
+        if engine is not None and injected is None:
+            await engine.aclose()
+        state.engine = None
+        await request_logger.aclose()
+        await db_engine.dispose()
+
+
+def _error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, ServerBusy) else None
+    return JSONResponse(_error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(_error_body("internal_error", "internal server error"), status_code=500)
+
+
+def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAPI:
+    """Build the app. `engine` injects a ready-built engine (tests); otherwise the lifespan loads one."""
+    app = FastAPI(
+        title="rwkv-gateway",
+        version=__version__,
+        summary="One RWKV model behind the OpenAI, wenxinworkshop, ChatGLM, role-play and Task APIs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.injected_engine = engine
+    app.state.engine = None
+    app.include_router(health.router)
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app

@@ -1,0 +1,175 @@
+"""The `rwkv-gateway` command: serve, write a demo checkpoint, manage the database.
+
+Every option is also a `RWKV_GATEWAY_*` environment variable (the Settings object reads them); an
+option given on the command line wins. Errors a user can fix print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from rwkv_gateway.errors import GatewayError
+from rwkv_gateway.settings import Settings
+
+app = typer.Typer(
+    name="rwkv-gateway",
+    help="Serve one RWKV model behind the OpenAI, wenxinworkshop, ChatGLM, role-play and Task APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations (acts on the same database as `serve`).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="data directory [env RWKV_GATEWAY_DATA_DIR]")]
+DbUrlOpt = Annotated[
+    str | None, typer.Option("--db-url", help="SQLAlchemy async URL (default: SQLite in the data dir)")
+]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        _fail(f"{where}: {first['msg']}")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="RWKV checkpoint (.pth); omitted: the demo model")] = None,
+    strategy: Annotated[str | None, typer.Option(help='rwkv strategy, e.g. "cpu fp32", "cuda fp16"')] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizers JSON (Pile-vocabulary models)")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [8000]")] = None,
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+    model_name: Annotated[str | None, typer.Option(help="model id shown to clients")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
+) -> None:
+    """Run the HTTP server (migrates the database first; loads the model in the background)."""
+    import uvicorn
+
+    from rwkv_gateway.app import create_app
+    from rwkv_gateway.engine.loader import preflight
+    from rwkv_gateway.engine.runtime import resolve_model_path
+
+    settings = _settings(
+        model=model,
+        strategy=strategy,
+        tokenizer=tokenizer,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        db_url=db_url,
+        model_name=model_name,
+        log_level=log_level,
+    )
+    _setup_logging(settings.log_level)
+    try:
+        path, _ = resolve_model_path(settings)
+        preflight(path, settings.strategy)
+    except GatewayError as exc:
+        _fail(exc.message)
+    fastapi_app = create_app(settings)
+    config = uvicorn.Config(
+        fastapi_app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None
+    )
+    server = uvicorn.Server(config)
+
+    def on_load_failure() -> None:
+        server.should_exit = True
+
+    fastapi_app.state.on_load_failure = on_load_failure
+    server.run()
+    if getattr(fastapi_app.state, "load_error", None):
+        _fail(str(fastapi_app.state.load_error), code=1)
+
+
+@app.command("demo-model")
+def demo_model(
+    out: Annotated[Path, typer.Argument(help="where to write the checkpoint (.pth)")],
+    arch: Annotated[str, typer.Option(help="v7 or v4")] = "v7",
+    layers: Annotated[int, typer.Option(min=1, max=64)] = 2,
+    embd: Annotated[int, typer.Option(min=64, max=8192, help="width (a multiple of 64 for v7)")] = 128,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a random-weight RWKV checkpoint in the layout the rwkv package loads (World vocabulary)."""
+    from rwkv_gateway.engine.demo_model import write_demo_model
+
+    if arch not in ("v7", "v4"):
+        _fail(f"--arch must be v7 or v4, not {arch!r}")
+    try:
+        path = write_demo_model(out, arch, n_layer=layers, n_embd=embd, seed=seed)  # type: ignore[arg-type]
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, RWKV {arch}, {layers} layers, {embd} wide)")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Apply pending migrations."""
+    from rwkv_gateway.db.migrate import current_revision, upgrade
+
+    settings = _settings(data_dir=data_dir, db_url=db_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade(settings.database_url, revision)
+    except Exception as exc:
+        _fail(f"migration failed: {exc}", code=1)
+    typer.echo(f"database at revision {current_revision(settings.database_url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help='target revision ("base" empties the database)')],
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Revert migrations down to REVISION."""
+    from rwkv_gateway.db.migrate import current_revision, downgrade
+
+    settings = _settings(data_dir=data_dir, db_url=db_url)
+    try:
+        downgrade(settings.database_url, revision)
+    except Exception as exc:
+        _fail(f"migration failed: {exc}", code=1)
+    typer.echo(f"database at revision {current_revision(settings.database_url)}")
+
+
+@db_app.command("current")
+def db_current(data_dir: DataDirOpt = None, db_url: DbUrlOpt = None) -> None:
+    """Print the database's revision."""
+    from rwkv_gateway.db.migrate import current_revision
+
+    settings = _settings(data_dir=data_dir, db_url=db_url)
+    typer.echo(current_revision(settings.database_url) or "empty (no migrations applied)")
+
+
+def main() -> None:
+    app()

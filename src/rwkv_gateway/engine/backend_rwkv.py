@@ -1,0 +1,102 @@
+"""The `rwkv` package backend: the batch-shaped model interface, one sequence at a time underneath.
+
+The package handles one sequence per call, so `forward` loops over the batch. It works for every
+architecture the package supports (v4, v5.x, v6, v7). The package mutates the state list it is given
+(and, with its CUDA kernels, the tensors themselves), so live states belong to exactly one sequence and
+snapshots are copies (see `snapshot.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rwkv_gateway.engine.protocol import LiveState, ModelInfo
+from rwkv_gateway.engine.snapshot import StateLayout, StateSnapshot
+from rwkv_gateway.errors import StateMismatch
+
+
+class RwkvPackageBackend:
+    """Advances sequences with the `rwkv` package's own forward (runs on the model thread only)."""
+
+    def __init__(self, model: Any, info: ModelInfo, *, load_seconds: float = 0.0) -> None:
+        self.model = model
+        self.info = info
+        self.load_seconds = load_seconds
+        self._template = self._make_zero_state()
+        self._layout = StateLayout.of(self._template)
+
+    def _make_zero_state(self) -> LiveState:
+        if self.info.version == "7":
+            return list(self.model.generate_zero_state())
+        # The package builds v4/v5/v6 zero states inside forward(); feeding nothing is not possible,
+        # so build the same tensors it would (per-layer device and dtype from its strategy plan).
+        args = self.model.args
+        version = float(self.model.version)
+        state: LiveState = []
+        for i in range(args.n_layer):
+            dd = self.model.strategy[i]
+            dev, atype = dd.device, dd.atype
+            if version == 4:
+                state += [
+                    torch.zeros(args.n_embd, dtype=atype, device=dev),
+                    torch.zeros(args.n_att, dtype=torch.float, device=dev),
+                    torch.zeros(args.n_att, dtype=torch.float, device=dev),
+                    torch.zeros(args.n_att, dtype=torch.float, device=dev) - 1e30,
+                    torch.zeros(args.n_embd, dtype=atype, device=dev),
+                ]
+            else:
+                n_head = args.n_head
+                if getattr(args, "time_state", False):
+                    kv = self.model.w[f"blocks.{i}.att.time_state"].transpose(1, 2).to(torch.float, device=dev)
+                else:
+                    kv = torch.zeros((n_head, args.n_att // n_head, args.n_att // n_head), dtype=torch.float, device=dev)
+                state += [
+                    torch.zeros(args.n_embd, dtype=atype, device=dev),
+                    kv.contiguous(),
+                    torch.zeros(args.n_embd, dtype=atype, device=dev),
+                ]
+        return state
+
+    @property
+    def state_nbytes(self) -> int:
+        return self._layout.numel * 4
+
+    def zero_state(self) -> LiveState:
+        return [t.clone() for t in self._template]
+
+    def forward(
+        self, token_lists: list[list[int]], states: list[LiveState | None]
+    ) -> tuple[torch.Tensor, list[LiveState]]:
+        if len(token_lists) != len(states):
+            raise ValueError("token_lists and states differ in length")
+        rows: list[torch.Tensor] = []
+        out_states: list[LiveState] = []
+        with torch.inference_mode():
+            for tokens, state in zip(token_lists, states, strict=True):
+                if not tokens:
+                    raise ValueError("every sequence in a batch needs at least one token")
+                live = state if state is not None else self.zero_state()
+                logits, new_state = self.model.forward(list(tokens), live)
+                rows.append(logits.float().reshape(-1))
+                out_states.append(list(new_state))
+        return torch.stack(rows), out_states
+
+    def capture(self, state: LiveState, token_count: int, logits: torch.Tensor | None = None) -> StateSnapshot:
+        return StateSnapshot.capture(
+            state, model_id=self.info.model_id, version=self.info.version, token_count=token_count, logits=logits
+        )
+
+    def restore(self, snap: StateSnapshot) -> LiveState:
+        snap.check_model(self.info.model_id)
+        if snap.layout.shapes != self._layout.shapes:
+            raise StateMismatch("state snapshot shapes do not match the loaded model")
+        flat = snap.flat
+        out: LiveState = []
+        offset = 0
+        for tmpl in self._template:
+            n = tmpl.numel()
+            out.append(flat[offset : offset + n].view(tmpl.shape).to(device=tmpl.device, dtype=tmpl.dtype, copy=True))
+            offset += n
+        return out

@@ -1,0 +1,86 @@
+"""Building the engine from settings: pick the model (or write the demo one), tokenizer, loader, scheduler.
+
+This is what the composition root calls (in a worker thread: loading takes seconds to minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rwkv_gateway.domain.types import RequestRecord
+from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
+from rwkv_gateway.engine.demo_model import write_demo_model
+from rwkv_gateway.engine.loader import inspect_checkpoint, load_model
+from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
+from rwkv_gateway.engine.states import StateStore
+from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
+from rwkv_gateway.errors import ModelLoadError
+from rwkv_gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEMO_WARNING = (
+    "NO MODEL CONFIGURED: serving a small RANDOM-WEIGHT demo model (%s). Its output is noise. "
+    "Start with --model /path/to/RWKV-x070-World-....pth to serve a real model."
+)
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    backend: RwkvPackageBackend
+    tokenizer: Tokenizer
+
+
+def resolve_model_path(settings: Settings) -> tuple[Path, bool]:
+    """The checkpoint to serve and whether it is the demo model (written on first use)."""
+    if settings.model is not None:
+        return settings.model, False
+    path = settings.demo_model_path
+    if not path.exists():
+        write_demo_model(path, "v7", n_layer=settings.demo_layers, n_embd=settings.demo_embd, seed=0)
+    return path, True
+
+
+def load(settings: Settings) -> LoadedModel:
+    """Load tokenizer and model as configured (blocking)."""
+    path, is_demo = resolve_model_path(settings)
+    if is_demo:
+        logger.warning(DEMO_WARNING, path)
+    info = inspect_checkpoint(path)
+    tokenizer = load_tokenizer(settings.tokenizer, info.vocab_size)
+    if tokenizer.vocab_size > info.vocab_size:
+        raise ModelLoadError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only {info.vocab_size}"
+        )
+    backend = load_model(
+        path,
+        settings.strategy,
+        jit=settings.jit,
+        cuda_kernels=settings.cuda_kernels,
+        name=settings.model_name or ("rwkv-demo" if is_demo else None),
+        is_demo=is_demo,
+    )
+    return LoadedModel(backend=backend, tokenizer=tokenizer)
+
+
+def build_scheduler(
+    settings: Settings, loaded: LoadedModel, *, on_finish: Callable[[RequestRecord], None] | None = None
+) -> Scheduler:
+    config = EngineConfig(
+        queue_size=settings.queue_size,
+        max_batch_size=settings.max_batch_size,
+        prefill_chunk=settings.prefill_chunk,
+        prefill_budget=settings.prefill_budget,
+        request_timeout_s=settings.request_timeout_s,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    store = StateStore(
+        settings.state_dir,
+        budget_bytes=settings.state_cache_mb * 2**20,
+        model_id=loaded.backend.info.model_id,
+    )
+    return Scheduler(loaded.backend, loaded.tokenizer, config, on_finish=on_finish, states=store)

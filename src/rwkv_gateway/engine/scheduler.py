@@ -1,0 +1,485 @@
+"""The generation engine: admission queue, one model thread, and a step loop over all active sequences.
+
+`submit()` validates a request, tokenizes it and admits it into a bounded queue (full => ServerBusy,
+before any response starts). One scheduler task owns the model: each step it admits waiting requests
+into free batch slots, then runs a single model-thread call that advances every active sequence —
+a bounded prompt chunk for sequences still prefilling (within a per-step token budget, so a long
+prompt never freezes other streams), one token for sequences decoding — samples, decodes and applies
+stop rules. The event loop never runs torch; it only moves events to each request's stream.
+
+Ownership: `_Sequence` objects are touched by the model thread only while a step runs, and by the
+event loop only between steps; the one exception is the `cancelled` flag, which the loop may set at
+any time and the thread only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rwkv_gateway.domain.types import (
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    RequestRecord,
+    TextDelta,
+    TokenEvent,
+    Usage,
+)
+from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
+from rwkv_gateway.engine.protocol import LiveState, ModelInfo
+from rwkv_gateway.engine.sampler import Sampler
+from rwkv_gateway.engine.snapshot import StateSnapshot
+from rwkv_gateway.engine.states import StateStore
+from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
+from rwkv_gateway.engine.tokenizer import Tokenizer
+from rwkv_gateway.errors import GatewayError, InvalidParameter, NotReady, PromptTooLong, ServerBusy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    queue_size: int = 256
+    max_batch_size: int = 32
+    prefill_chunk: int = 128
+    prefill_budget: int = 512
+    request_timeout_s: float = 600.0
+    max_prompt_tokens: int = 32768
+    max_new_tokens: int = 4096
+
+
+class GenerationStream:
+    """The events of one request. Iterate it; call `cancel()` when the client goes away."""
+
+    def __init__(self, request: GenerationRequest, prompt_token_count: int) -> None:
+        self.request = request
+        self.prompt_token_count = prompt_token_count
+        self.cancelled = False
+        self.finish: Finish | None = None
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+    def _put(self, event: TokenEvent) -> None:
+        if isinstance(event, Finish):
+            self.finish = event
+        self._queue.put_nowait(event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                event = await self._queue.get()
+                yield event
+                if isinstance(event, Finish):
+                    return
+        finally:
+            # A consumer that stops early (client gone, generator closed) cancels the request.
+            if self.finish is None:
+                self.cancel()
+
+    async def collect(self) -> tuple[str, Finish]:
+        """The whole text and the finish event (for non-streaming responses)."""
+        parts: list[str] = []
+        async for event in self:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                return "".join(parts), event
+        raise RuntimeError("stream ended without a Finish event")  # pragma: no cover
+
+
+@dataclass(eq=False)
+class _Sequence:
+    stream: GenerationStream
+    pending: list[int]
+    state: LiveState | None
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    deadline: float
+    admitted_at: float
+    token_count: int
+    #: Logits to sample from next (from the last forward or the initial snapshot), row kept on device.
+    logits: torch.Tensor | None = None
+    generated: int = 0
+    prompt_fed: int = 0
+    first_token_at: float | None = None
+    #: A sampled token not yet fed to the model (the next decode step feeds it).
+    last_token: int | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+    done: bool = False
+    #: Finished, but the final state must still absorb `last_token` before it is captured.
+    finishing: Finish | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.stream.request
+
+
+class Scheduler:
+    """The one engine of the process (implements `engine.protocol.Engine`)."""
+
+    def __init__(
+        self,
+        backend: RwkvPackageBackend,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        *,
+        on_finish: Callable[[RequestRecord], None] | None = None,
+        states: StateStore | None = None,
+    ) -> None:
+        self.backend = backend
+        #: Snapshot cache shared with services (role-play nodes, tasks); prefix reuse comes later.
+        self.states = states
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.on_finish = on_finish
+        self._queue: asyncio.Queue[_Sequence] | None = None
+        self._active: list[_Sequence] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._wakeup: asyncio.Event | None = None
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "steps": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "rejected_busy": 0,
+            "errors": 0,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.config.queue_size)
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="rwkv-scheduler")
+
+    async def aclose(self) -> None:
+        """Stop admitting, end every waiting and running request as cancelled, stop the thread."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        leftovers = list(self._active)
+        if self._queue is not None:
+            while not self._queue.empty():
+                leftovers.append(self._queue.get_nowait())
+        for seq in leftovers:
+            if not seq.done:
+                self._finish(seq, FinishReason.CANCELLED, error="server shutting down")
+                self._deliver(seq)
+        self._active.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self._queue.qsize() if self._queue else 0,
+            "active_sequences": len(self._active),
+            "max_batch_size": self.config.max_batch_size,
+            **self.counters,
+        }
+
+    # ------------------------------------------------------------------ admission
+
+    async def submit(self, request: GenerationRequest) -> GenerationStream:
+        if self._queue is None or self._closing:
+            raise NotReady("the engine is not running")
+        cfg = self.config
+        request.sampling.validate(self.backend.info.vocab_size)
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
+            raise InvalidParameter("max_tokens must be an integer >= 0", param="max_tokens")
+        if request.max_tokens > cfg.max_new_tokens:
+            raise InvalidParameter(
+                f"max_tokens must be <= {cfg.max_new_tokens}, got {request.max_tokens}", param="max_tokens"
+            )
+        if request.timeout_s is not None and not request.timeout_s > 0:
+            raise InvalidParameter("timeout must be > 0", param="timeout")
+        if self._queue.full():
+            self.counters["rejected_busy"] += 1
+            raise ServerBusy(f"the request queue is full ({cfg.queue_size} waiting)")
+        if request.prompt_tokens is not None:
+            tokens = list(request.prompt_tokens)
+            vocab = self.backend.info.vocab_size
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
+                raise InvalidParameter("prompt token ids must be integers in the vocabulary", param="prompt")
+        elif request.prompt:
+            tokens = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
+        else:
+            tokens = []
+        if len(tokens) > cfg.max_prompt_tokens:
+            raise PromptTooLong(
+                f"the prompt has {len(tokens)} tokens; the limit is {cfg.max_prompt_tokens}", param="prompt"
+            )
+        snap = request.initial_state
+        if snap is not None:
+            if not isinstance(snap, StateSnapshot):
+                raise InvalidParameter("initial_state is not a state snapshot", param="initial_state")
+            snap.check_model(self.backend.info.model_id)
+            if not tokens and snap.logits is None:
+                raise InvalidParameter(
+                    "an empty prompt needs a snapshot that kept its logits", param="prompt"
+                )
+        elif not tokens:
+            raise InvalidParameter("the prompt is empty", param="prompt")
+
+        stream = GenerationStream(request, len(tokens))
+        now = time.monotonic()
+        timeout = request.timeout_s or cfg.request_timeout_s
+        seq = _Sequence(
+            stream=stream,
+            pending=tokens,
+            state=None,
+            sampler=Sampler(request.sampling, self.backend.info.vocab_size, prompt_tokens=tokens),
+            decoder=IncrementalDecoder(self.tokenizer),
+            stopper=StopMatcher(request.stop),
+            deadline=now + timeout,
+            admitted_at=now,
+            token_count=snap.token_count if snap is not None else 0,
+            logits=snap.logits if snap is not None and not tokens else None,
+        )
+        try:
+            self._queue.put_nowait(seq)
+        except asyncio.QueueFull:
+            self.counters["rejected_busy"] += 1
+            raise ServerBusy(f"the request queue is full ({cfg.queue_size} waiting)") from None
+        self.counters["requests"] += 1
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return stream
+
+    # ------------------------------------------------------------------ the step loop (event loop side)
+
+    async def _run(self) -> None:
+        assert self._queue is not None and self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._admit()
+            if not self._active:
+                self._wakeup.clear()
+                if self._queue.empty():
+                    await self._wakeup.wait()
+                continue
+            batch = list(self._active)
+            try:
+                await loop.run_in_executor(self._executor, self._step, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in the step itself: fail this batch, keep serving
+                logger.exception("engine step failed")
+                for seq in batch:
+                    if not seq.done:
+                        self._finish(seq, FinishReason.ERROR, error="internal engine error")
+            self.counters["steps"] += 1
+            for seq in batch:
+                self._deliver(seq)
+            self._active = [s for s in self._active if not s.done]
+
+    def _admit(self) -> None:
+        assert self._queue is not None
+        while len(self._active) < self.config.max_batch_size and not self._queue.empty():
+            seq = self._queue.get_nowait()
+            if seq.stream.cancelled:
+                self._finish(seq, FinishReason.CANCELLED)
+                self._deliver(seq)
+                continue
+            self._active.append(seq)
+
+    def _deliver(self, seq: _Sequence) -> None:
+        events, seq.events = seq.events, []
+        for event in events:
+            seq.stream._put(event)
+            if isinstance(event, Finish):
+                self._record(seq, event)
+
+    def _record(self, seq: _Sequence, finish: Finish) -> None:
+        if self.on_finish is None:
+            return
+        req = seq.request
+        now = time.monotonic()
+        ttft = None if seq.first_token_at is None else (seq.first_token_at - seq.admitted_at) * 1000
+        try:
+            self.on_finish(
+                RequestRecord(
+                    request_id=req.request_id,
+                    dialect=req.dialect,
+                    user=req.user,
+                    api_key_id=req.api_key_id,
+                    prompt_tokens=finish.usage.prompt_tokens,
+                    completion_tokens=finish.usage.completion_tokens,
+                    ttft_ms=ttft,
+                    total_ms=(now - seq.admitted_at) * 1000,
+                    finish_reason=finish.reason.value,
+                )
+            )
+        except Exception:
+            logger.exception("request log hook failed")
+
+    # ------------------------------------------------------------------ one step (model thread)
+
+    def _step(self, batch: list[_Sequence]) -> None:
+        now = time.monotonic()
+        cfg = self.config
+        budget = cfg.prefill_budget
+        feed: list[tuple[_Sequence, list[int]]] = []
+        for seq in batch:
+            if seq.done:
+                continue
+            if seq.stream.cancelled:
+                self._finish(seq, FinishReason.CANCELLED)
+                continue
+            if now > seq.deadline:
+                self._finish(seq, FinishReason.TIMEOUT, error="the request timed out")
+                continue
+            if seq.state is None:
+                seq.state = self._initial_state(seq)
+                if seq.state is None:
+                    continue
+            if seq.pending:
+                if budget <= 0:
+                    continue  # prompt waits for the next step; decoding rows go first
+                take = min(cfg.prefill_chunk, budget, len(seq.pending))
+                chunk, seq.pending = seq.pending[:take], seq.pending[take:]
+                budget -= take
+                feed.append((seq, chunk))
+            elif seq.last_token is not None:
+                feed.append((seq, [seq.last_token]))
+                seq.last_token = None
+            elif seq.logits is None:  # pragma: no cover - admission guarantees tokens or logits
+                self._finish(seq, FinishReason.ERROR, error="nothing to generate from")
+        if feed:
+            self._forward(feed)
+            now = time.monotonic()
+        for seq in batch:
+            if seq.done:
+                continue
+            if seq.finishing is not None and seq.last_token is None:
+                self._complete(seq, seq.finishing)
+            elif not seq.pending and seq.last_token is None and seq.logits is not None:
+                self._sample(seq, now)
+
+    def _initial_state(self, seq: _Sequence) -> LiveState | None:
+        snap = seq.request.initial_state
+        try:
+            if snap is None:
+                return self.backend.zero_state()
+            assert isinstance(snap, StateSnapshot)
+            return self.backend.restore(snap)
+        except GatewayError as exc:
+            self._finish(seq, FinishReason.ERROR, error=exc.message)
+        return None
+
+    def _forward(self, feed: list[tuple[_Sequence, list[int]]]) -> None:
+        try:
+            logits, states = self.backend.forward([t for _, t in feed], [s.state for s, _ in feed])
+        except Exception:
+            if len(feed) == 1:
+                seq = feed[0][0]
+                logger.exception("model forward failed for request %s", seq.request.request_id)
+                self._finish(seq, FinishReason.ERROR, error="model forward failed")
+                return
+            # Find the culprit: one bad request must not fail the whole batch.
+            logger.warning("batched forward failed; retrying %d sequences one by one", len(feed))
+            for item in feed:
+                self._forward([item])
+            return
+        for (seq, tokens), row, state in zip(feed, logits, states, strict=True):
+            seq.state = state
+            seq.logits = row
+            seq.token_count += len(tokens)
+            if seq.generated == 0:
+                seq.prompt_fed += len(tokens)
+                self.counters["prompt_tokens"] += len(tokens)
+
+    def _sample(self, seq: _Sequence, now: float) -> None:
+        req = seq.request
+        if seq.generated >= req.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+            return
+        assert seq.logits is not None
+        try:
+            token = seq.sampler.sample(seq.logits)
+        except Exception as exc:
+            logger.warning("sampling failed for request %s: %s", req.request_id, exc)
+            self._finish(seq, FinishReason.ERROR, error=f"sampling failed: {exc}")
+            return
+        seq.generated += 1
+        self.counters["generated_tokens"] += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        eos = self.tokenizer.eos_token_id
+        if token in req.stop_token_ids or (req.stop_on_eos and eos is not None and token == eos):
+            # A stop token ends the sequence unseen and unfed.
+            self._finish(seq, FinishReason.STOP, stop_matched=token)
+            return
+        seq.last_token = token
+        text, matched = seq.stopper.push(seq.decoder.push(token))
+        if text:
+            seq.events.append(TextDelta(text, (token,)))
+        if matched is not None:
+            self._finish(seq, FinishReason.STOP, stop_matched=matched)
+        elif seq.generated >= req.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+
+    # ------------------------------------------------------------------ finishing
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        *,
+        error: str | None = None,
+        stop_matched: str | int | None = None,
+    ) -> None:
+        if reason is not FinishReason.STOP or stop_matched is None or isinstance(stop_matched, int):
+            # No stop string matched: release what the decoder and the stop matcher still hold.
+            if reason in (FinishReason.LENGTH, FinishReason.STOP):
+                tail, matched = seq.stopper.push(seq.decoder.flush())
+                tail += seq.stopper.flush() if matched is None else ""
+                if tail:
+                    seq.events.append(TextDelta(tail, ()))
+        finish = Finish(
+            reason=reason,
+            usage=Usage(prompt_tokens=seq.prompt_fed, completion_tokens=seq.generated),
+            error=error,
+            stop_matched=stop_matched,
+        )
+        if reason is FinishReason.ERROR:
+            self.counters["errors"] += 1
+        wants_state = seq.request.return_state and reason in (FinishReason.STOP, FinishReason.LENGTH)
+        if wants_state and seq.last_token is not None:
+            # The returned state covers every emitted token: feed the last one at the next step.
+            seq.finishing = finish
+            return
+        self._complete(seq, finish)
+
+    def _complete(self, seq: _Sequence, finish: Finish) -> None:
+        if seq.request.return_state and seq.state is not None and finish.reason in (
+            FinishReason.STOP,
+            FinishReason.LENGTH,
+        ):
+            snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
+            finish = Finish(finish.reason, finish.usage, snap, finish.error, finish.stop_matched)
+        seq.events.append(finish)
+        seq.done = True
+        seq.state = None
+        seq.logits = None
