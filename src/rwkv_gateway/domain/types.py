@@ -30,6 +30,11 @@ def _finite(name: str, value: float) -> None:
         raise InvalidParameter(f"{name} must be a finite number, got {value!r}", param=name)
 
 
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but `top_k=True` is a client bug, not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Every sampling knob any dialect exposes. Dialects map their own names and defaults onto these.
@@ -80,20 +85,20 @@ class SamplingParams:
             raise InvalidParameter(f"top_p must be in [0, 1], got {self.top_p}", param="top_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidParameter(f"top_k must be an integer >= 0, got {self.top_k!r}", param="top_k")
         if self.repetition_penalty <= 0:
             raise InvalidParameter("repetition_penalty must be > 0", param="repetition_penalty")
         if not 0.0 <= self.penalty_decay <= 1.0:
             raise InvalidParameter("penalty_decay must be in [0, 1]", param="penalty_decay")
         for tok in self.banned_tokens:
-            if not isinstance(tok, int) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+            if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
                 raise InvalidParameter(f"banned token {tok!r} is not a token id", param="banned_tokens")
         for tok, bias in self.logit_bias.items():
-            if not isinstance(tok, int) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+            if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
                 raise InvalidParameter(f"logit_bias key {tok!r} is not a token id", param="logit_bias")
             _finite("logit_bias", bias)
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise InvalidParameter("seed must be an integer", param="seed")
 
 

@@ -1,0 +1,343 @@
+"""The per-sequence token sampler: every dialect's sampling knobs applied to one logits vector.
+
+This module owns the meaning of `SamplingParams` once it reaches the engine: logit bias, banned
+tokens, the RWKV presence/frequency penalties with decay, the multiplicative repetition penalty,
+temperature/greedy, Mirostat v2, top-k, top-p, min-p, and the seeded draw. One `Sampler` serves one
+sequence and keeps that sequence's sampling state (penalty counts, Mirostat `mu`, the random
+generator). It runs on the model thread; logits may live on CPU or CUDA, the draw happens on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rwkv_gateway.domain.types import SamplingParams
+from rwkv_gateway.errors import GenerationFailed
+
+__all__ = ["Sampler"]
+
+_NEG_INF = float("-inf")
+_POS_INF = float("inf")
+#: First guess for how many top tokens hold the nucleus; grown x8 until they do (see `_nucleus`).
+_NUCLEUS_FIRST_K = 64
+_SEED_MASK = (1 << 64) - 1
+#: Block length of the two-level inverse-CDF draw (see `_draw`).
+_DRAW_BLOCK = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Dist:
+    """Unnormalised non-negative weights, either one per token id (`ids` None) or for `ids` only."""
+
+    weights: torch.Tensor
+    ids: torch.Tensor | None
+
+
+class Sampler:
+    """Samples the tokens of one sequence. Not thread-safe; use from the model thread only.
+
+    Decisions the knobs leave open:
+
+    * Greedy (temperature <= 0) wins over Mirostat and the filters; Mirostat (when `mirostat_tau`
+      is set) replaces top-k, top-p and min-p.
+    * Mirostat v2 follows llama.cpp: `mu` starts at 2*tau; tokens whose surprise -log2(p) exceeds
+      `mu` are dropped (the most probable token always stays); the draw is from the renormalised
+      rest; the observed surprise is -log2 of the chosen token's probability in that *truncated,
+      renormalised* distribution, and `mu -= eta * (surprise - tau)`. Tokens passed to `accept`
+      from elsewhere (forced tokens) do not move `mu`: no distribution was drawn from.
+    * Filters are sequential as in HF and llama.cpp: top-p's cumulative mass is measured on the
+      distribution renormalised after top-k; min-p compares with the largest remaining probability
+      (which is scale-free, so its place in the chain does not matter).
+    * Logits of +inf share all the mass equally; a sequence whose every token is -inf (all banned)
+      fails with GenerationFailed rather than silently emitting token 0.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, *, prompt_tokens: Sequence[int] = ()) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        params.validate(vocab_size)
+        self._params = params
+        self._vocab_size = vocab_size
+        self._greedy = params.temperature <= 0
+        self._top_k = params.top_k if 0 < params.top_k < vocab_size else 0
+        self._top_p = params.top_p
+        self._min_p = params.min_p
+        self._tau = params.mirostat_tau if params.mirostat_tau is not None else 0.0
+        self._mu: float | None = 2.0 * params.mirostat_tau if params.mirostat_tau is not None else None
+        self._use_counts = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        self._use_repetition = params.repetition_penalty != 1.0
+
+        bias = {tok: b for tok, b in params.logit_bias.items() if b != 0.0}
+        self._bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
+        self._bias_vals = torch.tensor([bias[t] for t in sorted(bias)], dtype=torch.float32)
+        self._ban_ids = torch.tensor(sorted(params.banned_tokens), dtype=torch.long)
+        # Static index tensors are copied to the logits' device once, not once per token.
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        # occurrence: token -> decayed count of generated tokens; seen: tokens the repetition penalty hits.
+        self._occurrence = _TokenTable()
+        self._seen = _TokenTable()
+        if params.penalize_prompt and self._use_repetition:
+            for tok in prompt_tokens:
+                self._check_token(tok)
+                self._seen.add(tok, 0.0)
+
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator = torch.Generator(device="cpu")
+        # manual_seed takes [-2**63, 2**64); fold any client integer into that range deterministically.
+        self._generator.manual_seed(seed & _SEED_MASK)
+
+    # -- read-only views for the scheduler, metrics and tests ----------------------------------------
+
+    @property
+    def params(self) -> SamplingParams:
+        return self._params
+
+    @property
+    def mu(self) -> float | None:
+        """The current Mirostat v2 target surprise (None when Mirostat is off)."""
+        return self._mu
+
+    @property
+    def occurrence(self) -> Mapping[int, float]:
+        """A copy of the decayed counts of generated tokens used by presence/frequency penalties (kept
+        only while one of those penalties is non-zero; empty otherwise)."""
+        return self._occurrence.as_dict()
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Choose the next token from `logits` (float [vocab_size], CPU or CUDA) and record it."""
+        x = self._penalised(logits)
+        if self._greedy:
+            token = self._argmax(x)
+        else:
+            dist = self._distribution(x)
+            j, p_chosen = _draw(dist.weights.detach().to("cpu"), self._generator)
+            token = j if dist.ids is None else int(dist.ids[j])
+            if self._mu is not None:
+                surprise = -math.log2(p_chosen)
+                self._mu -= self._params.mirostat_eta * (surprise - self._tau)
+        self.accept(token)
+        return token
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution `sample` would draw from next (float32 [V] on the logits' device, sums to
+        1), computed without drawing or changing any state. One-hot for greedy."""
+        x = self._penalised(logits)
+        if self._greedy:
+            out = torch.zeros(self._vocab_size, dtype=torch.float32, device=x.device)
+            out[self._argmax(x)] = 1.0
+            return out
+        dist = self._distribution(x)
+        weights = dist.weights / dist.weights.sum()
+        if dist.ids is None:
+            return weights
+        out = torch.zeros(self._vocab_size, dtype=torch.float32, device=x.device)
+        out[dist.ids] = weights
+        return out
+
+    def accept(self, token_id: int) -> None:
+        """Record a generated token (sampled here or forced elsewhere) for the penalties."""
+        self._check_token(token_id)
+        if self._use_counts:
+            decay = self._params.penalty_decay
+            if decay != 1.0:
+                # RWKV's PIPELINE decays every count before adding the new token.
+                self._occurrence.scale(decay)
+            self._occurrence.add(token_id, 1.0)
+        if self._use_repetition:
+            self._seen.add(token_id, 0.0)
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _check_token(self, token_id: int) -> None:
+        if not 0 <= token_id < self._vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {self._vocab_size}")
+
+    def _static_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cached = self._device_cache.get(device)
+        if cached is None:
+            cached = (self._bias_ids.to(device), self._bias_vals.to(device), self._ban_ids.to(device))
+            self._device_cache[device] = cached
+        return cached
+
+    def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
+        """Steps 1-5: a float32 copy of `logits` with NaN check, bias, bans and penalties applied."""
+        if logits.dim() != 1 or logits.shape[0] != self._vocab_size:
+            raise ValueError(f"expected logits of shape [{self._vocab_size}], got {list(logits.shape)}")
+        x = logits.detach().to(dtype=torch.float32, copy=True)
+        # max() propagates NaN and costs a tenth of isnan().any() on a 65536-wide CPU vector.
+        if math.isnan(float(x.max())):
+            raise GenerationFailed("model produced NaN logits")
+        bias_ids, bias_vals, ban_ids = self._static_on(x.device)
+        if bias_ids.numel():
+            x.index_add_(0, bias_ids, bias_vals)
+        if ban_ids.numel():
+            x.index_fill_(0, ban_ids, _NEG_INF)
+        p = self._params
+        if self._use_counts and len(self._occurrence):
+            penalty = p.presence_penalty + self._occurrence.values * p.frequency_penalty
+            x.index_add_(0, self._occurrence.ids.to(x.device), penalty.to(x.device, torch.float32), alpha=-1)
+        if self._use_repetition and len(self._seen):
+            ids = self._seen.ids.to(x.device)
+            v = x[ids]
+            x[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        return x
+
+    def _argmax(self, x: torch.Tensor) -> int:
+        # torch.argmax returns the first maximal index, i.e. ties go to the lowest token id.
+        token = int(torch.argmax(x))
+        if x[token] == _NEG_INF:
+            raise GenerationFailed("every token is banned or has -inf logit; nothing can be sampled")
+        return token
+
+    def _distribution(self, x: torch.Tensor) -> _Dist:
+        """Steps 7-11 on penalised logits (not greedy)."""
+        x = x / self._params.temperature
+        top = float(x.max())
+        if top == _NEG_INF:
+            raise GenerationFailed("every token is banned or has -inf logit; nothing can be sampled")
+        # With +inf logits softmax would give NaN; its limit shares all the mass among the +inf tokens.
+        probs = _uniform_over(x == _POS_INF) if top == _POS_INF else torch.softmax(x, dim=0)
+
+        if self._mu is not None:
+            # surprise -log2(p) <= mu  <=>  p >= 2**-mu: one comparison instead of a log over V. Capping
+            # the threshold at the top probability always keeps the top token (ties at the top: all).
+            threshold = 2.0**-self._mu if self._mu > -1000.0 else math.inf
+            keep = probs >= min(threshold, float(probs.max()))
+            return _Dist(torch.where(keep, probs, 0.0), None)
+
+        if self._top_k == 0 and self._top_p >= 1.0 and self._min_p <= 0.0:
+            return _Dist(probs, None)  # nothing to filter: no sort at all
+
+        if self._top_k == 0 and self._top_p >= 1.0:
+            # min-p alone needs only the maximum, not an ordering.
+            keep = probs >= self._min_p * probs.max()
+            return _Dist(torch.where(keep, probs, 0.0), None)
+
+        if self._top_k:
+            vals, ids = torch.topk(probs, self._top_k)
+            if self._top_p < 1.0:
+                n = _nucleus_size(vals, self._top_p)
+                vals, ids = vals[:n], ids[:n]
+        else:
+            vals, ids = self._nucleus(probs)
+        if self._min_p > 0.0:
+            # vals is sorted descending, so min-p keeps a prefix (never empty: vals[0] passes).
+            n = int((vals >= self._min_p * vals[0]).sum())
+            vals, ids = vals[:n], ids[:n]
+        return _Dist(vals, ids)
+
+    def _nucleus(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-p without a full sort: sorting 65536 floats costs milliseconds on CPU, while the
+        nucleus usually sits in the first few dozen tokens, so take growing top-k slices until one
+        holds `top_p` of the mass."""
+        target = self._top_p * float(probs.sum(dtype=torch.float64))
+        k = min(_NUCLEUS_FIRST_K, self._vocab_size)
+        while True:
+            vals, ids = torch.topk(probs, k)
+            if k == self._vocab_size or float(vals.sum(dtype=torch.float64)) >= target:
+                break
+            k = min(k * 8, self._vocab_size)
+        n = int((torch.cumsum(vals, 0, dtype=torch.float64) < target).sum()) + 1
+        n = min(n, k)
+        return vals[:n], ids[:n]
+
+
+def _nucleus_size(sorted_vals: torch.Tensor, top_p: float) -> int:
+    """How many of the descending `sorted_vals` make the smallest prefix holding `top_p` of their mass
+    (at least 1; top_p 0 gives 1)."""
+    cum = torch.cumsum(sorted_vals, 0, dtype=torch.float64)
+    target = top_p * float(cum[-1])
+    return min(int((cum < target).sum()) + 1, sorted_vals.shape[0])
+
+
+def _uniform_over(mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(torch.float32)
+    return weights / weights.sum()
+
+
+class _TokenTable:
+    """Token ids with one float64 value each, held in tensors that grow by doubling.
+
+    Recording a token is O(1) Python work and applying a penalty is one indexed tensor op; rebuilding
+    index tensors from a dict of a few thousand tokens every step costs hundreds of microseconds.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[int, int] = {}
+        self._ids = torch.empty(64, dtype=torch.long)
+        self._vals = torch.zeros(64, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids[: len(self._slots)]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._vals[: len(self._slots)]
+
+    def add(self, token_id: int, amount: float) -> None:
+        slot = self._slots.get(token_id)
+        if slot is None:
+            slot = len(self._slots)
+            if slot == self._ids.shape[0]:
+                self._ids = torch.cat([self._ids, torch.empty_like(self._ids)])
+                self._vals = torch.cat([self._vals, torch.zeros_like(self._vals)])
+            self._slots[token_id] = slot
+            self._ids[slot] = token_id
+        if amount:
+            self._vals[slot] += amount
+
+    def scale(self, factor: float) -> None:
+        self.values.mul_(factor)
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.ids.tolist(), self.values.tolist(), strict=True))
+
+
+def _inverse_cdf(weights: torch.Tensor, u: float) -> tuple[int, float]:
+    """The first index whose cumulative weight exceeds `u` (0 <= u < total), and the cumulative weight
+    before it. The strict comparison means a zero weight can never be chosen."""
+    cdf = torch.cumsum(weights, 0, dtype=torch.float64)
+    j = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)[0])
+    if j >= weights.shape[0]:
+        # u rounded up to the total: take the last index that has any weight.
+        j = int(torch.nonzero(weights)[-1, 0])
+    return j, float(cdf[j - 1]) if j else 0.0
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator) -> tuple[int, float]:
+    """Draw one index from non-negative CPU weights (not necessarily normalised, some positive); return
+    it and its normalised probability.
+
+    torch.multinomial(w, 1) draws one exponential per entry (about 1.7 ms at V=65536); this draws a
+    single uniform. Long vectors go in two levels (block sums, then a cumsum inside one block), since
+    a full-length cumsum is sequential and several times slower than blocked sums.
+    """
+    r = float(torch.rand((), generator=generator, dtype=torch.float64))
+    n = weights.shape[0]
+    if n <= 4 * _DRAW_BLOCK:
+        total = float(weights.sum(dtype=torch.float64))
+        j, _ = _inverse_cdf(weights, r * total)
+    else:
+        pad = -n % _DRAW_BLOCK
+        padded = torch.cat([weights, weights.new_zeros(pad)]) if pad else weights
+        blocks = padded.reshape(-1, _DRAW_BLOCK)
+        block_sums = blocks.sum(1, dtype=torch.float64)
+        total = float(block_sums.sum())
+        u = r * total
+        b, before = _inverse_cdf(block_sums, u)
+        # u >= before, so the remainder is never negative; the chosen block has positive weight.
+        i, _ = _inverse_cdf(blocks[b], u - before)
+        j = b * _DRAW_BLOCK + i
+    return j, float(weights[j]) / total
