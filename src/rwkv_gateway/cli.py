@@ -6,8 +6,10 @@ option given on the command line wins. Errors a user can fix print one line and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -27,7 +29,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database migrations (acts on the same database as `serve`).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="data directory [env RWKV_GATEWAY_DATA_DIR]")]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="data directory [env RWKV_GATEWAY_DATA_DIR]")
+]
 DbUrlOpt = Annotated[
     str | None, typer.Option("--db-url", help="SQLAlchemy async URL (default: SQLite in the data dir)")
 ]
@@ -56,9 +60,29 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _graceful_server_class() -> type:
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would die
+        of the signal (exit -15). SIGTERM is how orchestrators ask for a normal stop: exit 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    return GracefulServer
+
+
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Option(help="RWKV checkpoint (.pth); omitted: the demo model")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="RWKV checkpoint (.pth); omitted: the demo model")
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help='rwkv strategy, e.g. "cpu fp32", "cuda fp16"')] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizers JSON (Pile-vocabulary models)")] = None,
     host: Annotated[str | None, typer.Option(help="bind address [127.0.0.1]")] = None,
@@ -96,7 +120,7 @@ def serve(
     config = uvicorn.Config(
         fastapi_app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None
     )
-    server = uvicorn.Server(config)
+    server = _graceful_server_class()(config)
 
     def on_load_failure() -> None:
         server.should_exit = True
@@ -124,7 +148,9 @@ def demo_model(
         path = write_demo_model(out, arch, n_layer=layers, n_embd=embd, seed=seed)  # type: ignore[arg-type]
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, RWKV {arch}, {layers} layers, {embd} wide)")
+    typer.echo(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, RWKV {arch}, {layers} layers, {embd} wide)"
+    )
 
 
 @db_app.command("upgrade")

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     tokenizer: Path | None = Field(default=None, description="tokenizers JSON for Pile-vocabulary models")
     model_name: str | None = Field(default=None, description="model id shown to clients (default: file stem)")
     jit: bool = Field(default=True, description="RWKV_JIT_ON for the rwkv package")
-    cuda_kernels: bool = Field(default=False, description="RWKV_CUDA_ON: compile the rwkv package's CUDA kernels")
+    cuda_kernels: bool = Field(
+        default=False, description="RWKV_CUDA_ON: compile the rwkv package's CUDA kernels"
+    )
     demo_layers: int = Field(default=2, ge=1, le=64)
     demo_embd: int = Field(default=128, ge=64, le=4096)
 
@@ -58,7 +60,9 @@ class Settings(BaseSettings):
     def _strategy_syntax(cls, value: str) -> str:
         value = " ".join(value.split())
         if not STRATEGY_RE.match(value):
-            raise ValueError(f'invalid strategy {value!r}: expected e.g. "cpu fp32", "cuda fp16", "cuda fp16i8"')
+            raise ValueError(
+                f'invalid strategy {value!r}: expected e.g. "cpu fp32", "cuda fp16", "cuda fp16i8"'
+            )
         return value
 
     @model_validator(mode="after")

@@ -70,8 +70,13 @@ def test_detect_version_rules() -> None:
     base: dict[str, tuple[int, ...]] = {"emb.weight": (10, 4), "blocks.0.ln1.weight": (4,)}
     assert detect_version({**base, "blocks.0.att.r_k": (1, 4)}) == "7"
     assert detect_version({**base, "blocks.0.att.time_maa_x": (1, 1, 4)}) == "6"
-    assert detect_version({**base, "blocks.0.att.gate.weight": (4, 4), "blocks.0.att.time_decay": (2, 2)}) == "5.2"
-    assert detect_version({**base, "blocks.0.att.gate.weight": (4, 4), "blocks.0.att.time_decay": (2,)}) == "5.1"
+    assert (
+        detect_version({**base, "blocks.0.att.gate.weight": (4, 4), "blocks.0.att.time_decay": (2, 2)})
+        == "5.2"
+    )
+    assert (
+        detect_version({**base, "blocks.0.att.gate.weight": (4, 4), "blocks.0.att.time_decay": (2,)}) == "5.1"
+    )
     assert detect_version({**base, "blocks.0.att.ln_x.weight": (4,)}) == "5"
     assert detect_version({**base, "blocks.0.att.time_mix_k": (1, 1, 4)}) == "4"
     with pytest.raises(ModelLoadError, match="not an RWKV checkpoint"):

@@ -50,9 +50,7 @@ async def test_stream_events_are_whole_text_and_end_with_finish(engine: Schedule
     assert events[-1].usage.prompt_tokens == stream.prompt_token_count > 0
 
 
-async def test_cancelled_stream_frees_its_slot(
-    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
-) -> None:
+async def test_cancelled_stream_frees_its_slot(v7_backend: RwkvPackageBackend, tokenizer: Tokenizer) -> None:
     sched = Scheduler(v7_backend, tokenizer, EngineConfig(max_batch_size=1, queue_size=4))
     await sched.start()
     try:
@@ -67,7 +65,7 @@ async def test_cancelled_stream_frees_its_slot(
                 assert event.reason is FinishReason.CANCELLED
                 assert event.usage.completion_tokens < 4000
         # The only slot is free again: a new request runs to completion.
-        text, fin = await run(sched, max_tokens=5)
+        _, fin = await run(sched, max_tokens=5)
         assert fin.reason is FinishReason.LENGTH
         assert sched.stats()["active_sequences"] == 0
     finally:
@@ -119,7 +117,7 @@ async def test_a_failing_sampler_fails_alone(engine: Scheduler, monkeypatch: pyt
     assert "injected sampling fault" in (results[0][1].error or "")
     assert all(fin.reason is FinishReason.LENGTH for _, fin in results[1:])
     assert len({text for text, _ in results[1:]}) == 1
-    text, fin = await run(engine, max_tokens=3)  # the worker keeps serving
+    _, fin = await run(engine, max_tokens=3)  # the worker keeps serving
     assert fin.reason is FinishReason.LENGTH
 
 
@@ -138,7 +136,7 @@ async def test_stop_token_ids_end_the_sequence(engine: Scheduler, tokenizer: Tok
     tokens = [t for e in [e async for e in stream] if isinstance(e, TextDelta) for t in e.token_ids]
     third = tokens[2]
     first_hit = tokens.index(third)
-    text, fin = await run(engine, max_tokens=20, stop_token_ids=frozenset({third}))
+    _, fin = await run(engine, max_tokens=20, stop_token_ids=frozenset({third}))
     assert fin.reason is FinishReason.STOP and fin.stop_matched == third
     assert fin.usage.completion_tokens == first_hit + 1
 

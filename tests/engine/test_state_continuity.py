@@ -26,7 +26,9 @@ def test_prefill_a_then_b_from_disk_equals_a_plus_b(
     snap = backend.capture(states[0], len(a))
     store = StateStore(tmp_path, budget_bytes=0, model_id=backend.info.model_id)
     store.put("conversation/1", snap, persist=True)
-    reloaded = StateStore(tmp_path, budget_bytes=1 << 30, model_id=backend.info.model_id).get("conversation/1")
+    reloaded = StateStore(tmp_path, budget_bytes=1 << 30, model_id=backend.info.model_id).get(
+        "conversation/1"
+    )
     assert reloaded is not None and reloaded.token_count == len(a)
     resumed, _ = backend.forward([b], [backend.restore(reloaded)])
     torch.testing.assert_close(resumed, whole, rtol=1e-4, atol=1e-4)

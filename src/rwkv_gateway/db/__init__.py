@@ -1,0 +1,5 @@
+"""Persistence: ORM tables, the async engine and session factory, repositories and schema migrations.
+
+The only package (with `rwkv_gateway.migrations`) that imports SQLAlchemy; services get sessions from
+`session.make_session_factory` and use the repositories in `repo`, which only flush.
+"""

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from rwkv_gateway.engine.protocol import LiveState, ModelInfo
+from rwkv_gateway.domain.engine import ModelInfo
+from rwkv_gateway.engine.protocol import LiveState
 from rwkv_gateway.engine.snapshot import StateLayout, StateSnapshot
 from rwkv_gateway.errors import StateMismatch
 
@@ -49,9 +50,13 @@ class RwkvPackageBackend:
             else:
                 n_head = args.n_head
                 if getattr(args, "time_state", False):
-                    kv = self.model.w[f"blocks.{i}.att.time_state"].transpose(1, 2).to(torch.float, device=dev)
+                    kv = (
+                        self.model.w[f"blocks.{i}.att.time_state"].transpose(1, 2).to(torch.float, device=dev)
+                    )
                 else:
-                    kv = torch.zeros((n_head, args.n_att // n_head, args.n_att // n_head), dtype=torch.float, device=dev)
+                    kv = torch.zeros(
+                        (n_head, args.n_att // n_head, args.n_att // n_head), dtype=torch.float, device=dev
+                    )
                 state += [
                     torch.zeros(args.n_embd, dtype=atype, device=dev),
                     kv.contiguous(),
@@ -83,9 +88,15 @@ class RwkvPackageBackend:
                 out_states.append(list(new_state))
         return torch.stack(rows), out_states
 
-    def capture(self, state: LiveState, token_count: int, logits: torch.Tensor | None = None) -> StateSnapshot:
+    def capture(
+        self, state: LiveState, token_count: int, logits: torch.Tensor | None = None
+    ) -> StateSnapshot:
         return StateSnapshot.capture(
-            state, model_id=self.info.model_id, version=self.info.version, token_count=token_count, logits=logits
+            state,
+            model_id=self.info.model_id,
+            version=self.info.version,
+            token_count=token_count,
+            logits=logits,
         )
 
     def restore(self, snap: StateSnapshot) -> LiveState:
@@ -97,6 +108,8 @@ class RwkvPackageBackend:
         offset = 0
         for tmpl in self._template:
             n = tmpl.numel()
-            out.append(flat[offset : offset + n].view(tmpl.shape).to(device=tmpl.device, dtype=tmpl.dtype, copy=True))
+            out.append(
+                flat[offset : offset + n].view(tmpl.shape).to(device=tmpl.device, dtype=tmpl.dtype, copy=True)
+            )
             offset += n
         return out

@@ -199,6 +199,11 @@ def write_demo_model(
         Path(tmp).unlink(missing_ok=True)
         raise
     logger.info(
-        "wrote random-weight RWKV %s checkpoint %s (%d layers, %d wide, seed %d)", arch, path, n_layer, n_embd, seed
+        "wrote random-weight RWKV %s checkpoint %s (%d layers, %d wide, seed %d)",
+        arch,
+        path,
+        n_layer,
+        n_embd,
+        seed,
     )
     return path

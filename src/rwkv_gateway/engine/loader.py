@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rwkv_gateway.engine.protocol import ModelInfo
+from rwkv_gateway.domain.engine import ModelInfo
 from rwkv_gateway.errors import ModelLoadError
 from rwkv_gateway.settings import STRATEGY_RE, V7_STRATEGY_RE
 
@@ -153,7 +153,11 @@ def import_rwkv_model(*, v7: bool, jit: bool, cuda: bool) -> ModuleType:
         # The package also reads RWKV_JIT_ON / RWKV_CUDA_ON when a model is built and while it runs,
         # so the flags stay set for the life of the process (one model per process in production).
         os.environ.update(
-            {"RWKV_V7_ON": "1" if v7 else "0", "RWKV_JIT_ON": "1" if jit else "0", "RWKV_CUDA_ON": "1" if cuda else "0"}
+            {
+                "RWKV_V7_ON": "1" if v7 else "0",
+                "RWKV_JIT_ON": "1" if jit else "0",
+                "RWKV_CUDA_ON": "1" if cuda else "0",
+            }
         )
         name = f"rwkv_gateway._rwkv_model_{int(v7)}{int(jit)}{int(cuda)}"
         try:

@@ -53,7 +53,8 @@ def load(settings: Settings) -> LoadedModel:
     tokenizer = load_tokenizer(settings.tokenizer, info.vocab_size)
     if tokenizer.vocab_size > info.vocab_size:
         raise ModelLoadError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only {info.vocab_size}"
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens "
+            f"but the model only {info.vocab_size}"
         )
     backend = load_model(
         path,

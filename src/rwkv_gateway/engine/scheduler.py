@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rwkv_gateway.domain.engine import ModelInfo
 from rwkv_gateway.domain.types import (
     Finish,
     FinishReason,
@@ -35,7 +36,7 @@ from rwkv_gateway.domain.types import (
     Usage,
 )
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
-from rwkv_gateway.engine.protocol import LiveState, ModelInfo
+from rwkv_gateway.engine.protocol import LiveState
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
@@ -164,6 +165,14 @@ class Scheduler:
     @property
     def info(self) -> ModelInfo:
         return self.backend.info
+
+    @property
+    def codec(self) -> Tokenizer:
+        return self.tokenizer
+
+    @property
+    def snapshots(self) -> StateStore | None:
+        return self.states
 
     async def start(self) -> None:
         if self._task is not None:
@@ -450,13 +459,16 @@ class Scheduler:
         error: str | None = None,
         stop_matched: str | int | None = None,
     ) -> None:
-        if reason is not FinishReason.STOP or stop_matched is None or isinstance(stop_matched, int):
-            # No stop string matched: release what the decoder and the stop matcher still hold.
-            if reason in (FinishReason.LENGTH, FinishReason.STOP):
-                tail, matched = seq.stopper.push(seq.decoder.flush())
-                tail += seq.stopper.flush() if matched is None else ""
-                if tail:
-                    seq.events.append(TextDelta(tail, ()))
+        if reason in (FinishReason.LENGTH, FinishReason.STOP) and not isinstance(stop_matched, str):
+            # No stop string matched yet: release what the decoder and the stop matcher still hold
+            # (which may itself complete a stop string).
+            tail, matched = seq.stopper.push(seq.decoder.flush())
+            if matched is None:
+                tail += seq.stopper.flush()
+            else:
+                reason, stop_matched = FinishReason.STOP, matched
+            if tail:
+                seq.events.append(TextDelta(tail, ()))
         finish = Finish(
             reason=reason,
             usage=Usage(prompt_tokens=seq.prompt_fed, completion_tokens=seq.generated),
@@ -473,9 +485,14 @@ class Scheduler:
         self._complete(seq, finish)
 
     def _complete(self, seq: _Sequence, finish: Finish) -> None:
-        if seq.request.return_state and seq.state is not None and finish.reason in (
-            FinishReason.STOP,
-            FinishReason.LENGTH,
+        if (
+            seq.request.return_state
+            and seq.state is not None
+            and finish.reason
+            in (
+                FinishReason.STOP,
+                FinishReason.LENGTH,
+            )
         ):
             snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
             finish = Finish(finish.reason, finish.usage, snap, finish.error, finish.stop_matched)

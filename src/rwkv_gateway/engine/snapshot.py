@@ -101,7 +101,9 @@ class StateSnapshot:
         layout = StateLayout.of(state)
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state])
         kept = None if logits is None else logits.detach().reshape(-1).to(torch.float32, copy=True)
-        return cls(flat=flat, layout=layout, model_id=model_id, version=version, token_count=token_count, logits=kept)
+        return cls(
+            flat=flat, layout=layout, model_id=model_id, version=version, token_count=token_count, logits=kept
+        )
 
     def restore(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
         """A fresh live state (new tensors) on `device` (default: where the snapshot lives)."""

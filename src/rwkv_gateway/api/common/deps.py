@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from rwkv_gateway.engine.scheduler import Scheduler
+from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.errors import NotReady
 from rwkv_gateway.settings import Settings
 
@@ -16,13 +16,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_engine(request: Request) -> Scheduler:
+def get_engine(request: Request) -> Engine:
     """The engine, or NotReady while the model is still loading (or failed to load)."""
-    engine: Scheduler | None = getattr(request.app.state, "engine", None)
+    engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None:
         raise NotReady("the model is still loading")
     return engine
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Scheduler, Depends(get_engine)]
+EngineDep = Annotated[Engine, Depends(get_engine)]

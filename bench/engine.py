@@ -1,0 +1,179 @@
+"""Engine throughput benchmark: drives the scheduler in-process at several concurrency levels.
+
+    python bench/engine.py --model PATH.pth --concurrency 1,4,16 --tokens 128
+    python bench/engine.py --demo-shape 12x768 --concurrency 1,4,16   # a generated 0.1B-shaped v7 model
+
+For each concurrency C it runs C simultaneous requests (short prompt, `--tokens` new tokens each, no
+early stop) and reports aggregate decode tok/s, time to first token p50/p95, and the ratio to C=1; then
+a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0) for prefill tok/s. Prints a table
+and writes JSON (default bench/results/engine-<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rwkv_gateway.domain.types import Finish, GenerationRequest, SamplingParams, TextDelta
+from rwkv_gateway.engine.demo_model import write_demo_model
+from rwkv_gateway.engine.loader import load_model
+from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
+from rwkv_gateway.engine.tokenizer import load_tokenizer
+
+PROMPT = "User: Tell me a long story about a lighthouse keeper and the sea.\n\nAssistant:"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def one_request(engine: Scheduler, req: GenerationRequest) -> dict[str, float]:
+    t0 = time.perf_counter()
+    stream = await engine.submit(req)
+    first: float | None = None
+    tokens = 0
+    async for event in stream:
+        if isinstance(event, TextDelta) and first is None:
+            first = time.perf_counter()
+        if isinstance(event, Finish):
+            tokens = event.usage.completion_tokens
+    end = time.perf_counter()
+    return {"start": t0, "first": first or end, "end": end, "tokens": tokens}
+
+
+async def decode_run(engine: Scheduler, concurrency: int, tokens: int) -> dict[str, Any]:
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    reqs = [
+        GenerationRequest(prompt=PROMPT, sampling=params, max_tokens=tokens, stop_on_eos=False)
+        for _ in range(concurrency)
+    ]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one_request(engine, r) for r in reqs))
+    wall = time.perf_counter() - t0
+    total = sum(r["tokens"] for r in results)
+    decode_start = min(r["first"] for r in results)
+    decode_wall = max(r["end"] for r in results) - decode_start
+    ttft = [(r["first"] - r["start"]) * 1000 for r in results]
+    return {
+        "concurrency": concurrency,
+        "tokens_per_request": tokens,
+        "generated_tokens": total,
+        "wall_s": wall,
+        "decode_tok_s": total / decode_wall if decode_wall > 0 else float("nan"),
+        "per_stream_tok_s": total / decode_wall / concurrency if decode_wall > 0 else float("nan"),
+        "ttft_p50_ms": percentile(ttft, 0.5),
+        "ttft_p95_ms": percentile(ttft, 0.95),
+    }
+
+
+async def prefill_run(engine: Scheduler, concurrency: int, prompt_tokens: int) -> dict[str, Any]:
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 8 + 1))
+    ids = ids[:prompt_tokens]
+    reqs = [GenerationRequest(prompt_tokens=list(ids), max_tokens=0) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_request(engine, r) for r in reqs))
+    wall = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tok_s": concurrency * len(ids) / wall,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if args.model:
+        path = Path(args.model)
+    else:
+        layers, embd = (int(x) for x in args.demo_shape.lower().split("x"))
+        tmp = tempfile.TemporaryDirectory()
+        path = write_demo_model(
+            Path(tmp.name) / f"bench-v7-L{layers}-D{embd}.pth", "v7", n_layer=layers, n_embd=embd
+        )
+    backend = load_model(path, args.strategy)
+    tokenizer = load_tokenizer(None, backend.info.vocab_size)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    config = EngineConfig(
+        max_batch_size=max(levels),
+        queue_size=max(levels) * 2,
+        prefill_chunk=args.chunk,
+        prefill_budget=args.chunk * 4,
+    )
+    engine = Scheduler(backend, tokenizer, config)
+    await engine.start()
+    try:
+        await decode_run(engine, 1, 8)  # warm-up (TorchScript compiles on first calls)
+        decode = [await decode_run(engine, c, args.tokens) for c in levels]
+        prefill = [await prefill_run(engine, c, args.prefill_tokens) for c in levels]
+    finally:
+        await engine.aclose()
+        if tmp is not None:
+            tmp.cleanup()
+    base = decode[0]["decode_tok_s"]
+    for row in decode:
+        row["speedup_vs_first"] = row["decode_tok_s"] / base
+    return {
+        "model": str(path) if args.model else f"generated v7 {args.demo_shape}",
+        "rwkv_version": backend.info.version,
+        "strategy": args.strategy,
+        "backend": type(backend).__name__,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+        },
+        "decode": decode,
+        "prefill": prefill,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint to load (default: generate one of --demo-shape)")
+    parser.add_argument("--demo-shape", default="2x128", help="LAYERSxWIDTH of the generated v7 model")
+    parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=128, help="prefill chunk per sequence per step")
+    parser.add_argument("--out", help="JSON output path")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    model = f"{result['model']} (RWKV v{result['rwkv_version']}, {result['strategy']}, {result['backend']})"
+    print(f"model: {model}")
+    header = ("conc", "decode tok/s", "per stream", "x vs C=1", "ttft p50 ms", "ttft p95 ms")
+    print("{:>5} {:>13} {:>11} {:>9} {:>12} {:>12}".format(*header))
+    for row in result["decode"]:
+        print(
+            f"{row['concurrency']:>5} {row['decode_tok_s']:>13.1f} {row['per_stream_tok_s']:>11.1f} "
+            f"{row['speedup_vs_first']:>9.2f} {row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f}"
+        )
+    for row in result["prefill"]:
+        rate, each = row["prefill_tok_s"], row["prompt_tokens"]
+        print(f"prefill C={row['concurrency']:<3} {rate:>10.1f} tok/s ({each} tokens each)")
+    default_out = Path(__file__).parent / "results" / f"engine-{int(time.time())}.json"
+    out = Path(args.out) if args.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

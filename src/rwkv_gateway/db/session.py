@@ -1,0 +1,90 @@
+"""The database engine and session factory, with the SQLite connection settings the service relies on.
+
+For SQLite every new connection gets WAL journaling (readers never block the writer), a busy
+timeout (a writer waits for the lock instead of failing at once), foreign keys on (SQLite ignores
+`ON DELETE CASCADE` without it) and `synchronous=NORMAL` (safe with WAL, far fewer fsyncs). Other
+async URLs such as `postgresql+asyncpg://` are passed to SQLAlchemy unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUSY_TIMEOUT_MS = 10_000
+
+
+def is_sqlite(url: str | URL) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The database file of a SQLite URL; None for in-memory databases and other backends."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    if parsed.query.get("mode") == "memory":
+        return None
+    return Path(database)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int, foreign_keys: bool) -> Any:
+    pragmas = (
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+        f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
+        "PRAGMA synchronous=NORMAL",
+    )
+
+    def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:  # noqa: ARG001
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def create_db_engine(
+    url: str,
+    *,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    foreign_keys: bool = True,
+    echo: bool = False,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """An async engine for `url`; for a SQLite file, its directory is created and the pragmas set.
+
+    `foreign_keys=False` is for migrations only: SQLite's batch mode drops and recreates tables, and
+    with enforcement on, dropping a parent table would cascade-delete its children's rows. Extra
+    keyword arguments go to `create_async_engine` (pool sizes for PostgreSQL, for example). The
+    caller owns the engine and must `await engine.dispose()` when done.
+    """
+    engine = create_async_engine(url, echo=echo, **kwargs)
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Pragmas are per connection, so they go on the pool's "connect" event, which runs once for
+        # each new DBAPI connection (the async engine's pool lives on its sync engine).
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout_ms, foreign_keys))
+        logger.debug("SQLite database at %s", path or "(memory)")
+    return engine
+
+
+def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded attributes after commit, so results stay usable once a short session ends."""
+    return async_sessionmaker(engine, expire_on_commit=False)
