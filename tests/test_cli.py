@@ -56,6 +56,8 @@ def test_demo_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
         (["--model", "/nonexistent/model.pth"], "model file not found"),
         (["--strategy", "gpu fp64"], "invalid strategy"),
         (["--model", "GARBAGE"], "not a PyTorch checkpoint"),
+        (["--tokenizer", "GARBAGE"], "tokenizer"),
+        (["--port", "99999"], "port"),
     ],
 )
 def test_serve_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -66,7 +68,9 @@ def test_serve_errors_are_one_line(tmp_path: Path, args: list[str], message: str
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    lines = out.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]] and message in errors[0]
 
 
 def test_db_upgrade_uses_the_same_options_as_serve(tmp_path: Path) -> None:

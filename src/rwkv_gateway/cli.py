@@ -98,6 +98,7 @@ def serve(
     from rwkv_gateway.app import create_app
     from rwkv_gateway.engine.loader import preflight
     from rwkv_gateway.engine.runtime import resolve_model_path
+    from rwkv_gateway.engine.tokenizer import load_tokenizer
 
     settings = _settings(
         model=model,
@@ -113,7 +114,9 @@ def serve(
     _setup_logging(settings.log_level)
     try:
         path, _ = resolve_model_path(settings)
-        preflight(path, settings.strategy)
+        info = preflight(path, settings.strategy)
+        if settings.tokenizer is not None:
+            load_tokenizer(settings.tokenizer, info.vocab_size)
     except GatewayError as exc:
         _fail(exc.message)
     fastapi_app = create_app(settings)
