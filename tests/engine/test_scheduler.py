@@ -13,7 +13,7 @@ from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.tokenizer import Tokenizer
-from rwkv_gateway.errors import InvalidParameter, PromptTooLong, ServerBusy, StateMismatch
+from rwkv_gateway.errors import InvalidParameter, NotReady, PromptTooLong, ServerBusy, StateMismatch
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "User: Write a short poem about rivers.\n\nAssistant:"
@@ -237,3 +237,22 @@ async def test_sampling_seed_reproduces(engine: Scheduler) -> None:
     c, _ = await run(engine, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=99), max_tokens=20)
     assert a == b
     assert a != c
+
+
+async def test_close_ends_running_and_waiting_streams(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
+) -> None:
+    sched = Scheduler(v7_backend, tokenizer, EngineConfig(max_batch_size=1, queue_size=4))
+    await sched.start()
+    running = await sched.submit(GenerationRequest(prompt=PROMPT, sampling=GREEDY, max_tokens=4000))
+    waiting = await sched.submit(GenerationRequest(prompt=PROMPT, sampling=GREEDY, max_tokens=4000))
+    agen = running.__aiter__()
+    first = await agen.__anext__()  # the first request is being generated
+    assert isinstance(first, TextDelta)
+    await sched.aclose()
+    rest = [e async for e in agen]
+    assert isinstance(rest[-1], Finish) and rest[-1].reason is FinishReason.CANCELLED
+    _, fin = await waiting.collect()
+    assert fin.reason is FinishReason.CANCELLED and fin.usage.completion_tokens == 0
+    with pytest.raises(NotReady):
+        await sched.submit(GenerationRequest(prompt="hi"))

@@ -47,6 +47,10 @@ from rwkv_gateway.errors import GatewayError, InvalidParameter, NotReady, Prompt
 logger = logging.getLogger(__name__)
 
 
+#: Finishes after which a requested final state is captured (not after errors or cancellation).
+_STATEFUL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     queue_size: int = 256
@@ -189,16 +193,18 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        # A step may still be running on the model thread: let it end before touching its sequences.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         leftovers = list(self._active)
         if self._queue is not None:
             while not self._queue.empty():
                 leftovers.append(self._queue.get_nowait())
         for seq in leftovers:
             if not seq.done:
+                seq.finishing = None
                 self._finish(seq, FinishReason.CANCELLED, error="server shutting down")
-                self._deliver(seq)
+            self._deliver(seq)
         self._active.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -395,6 +401,9 @@ class Scheduler:
             return self.backend.restore(snap)
         except GatewayError as exc:
             self._finish(seq, FinishReason.ERROR, error=exc.message)
+        except Exception:
+            logger.exception("restoring the state of request %s failed", seq.request.request_id)
+            self._finish(seq, FinishReason.ERROR, error="could not restore the state")
         return None
 
     def _forward(self, feed: list[tuple[_Sequence, list[int]]]) -> None:
@@ -477,7 +486,7 @@ class Scheduler:
         )
         if reason is FinishReason.ERROR:
             self.counters["errors"] += 1
-        wants_state = seq.request.return_state and reason in (FinishReason.STOP, FinishReason.LENGTH)
+        wants_state = seq.request.return_state and reason in _STATEFUL_ENDS
         if wants_state and seq.last_token is not None:
             # The returned state covers every emitted token: feed the last one at the next step.
             seq.finishing = finish
@@ -485,17 +494,14 @@ class Scheduler:
         self._complete(seq, finish)
 
     def _complete(self, seq: _Sequence, finish: Finish) -> None:
-        if (
-            seq.request.return_state
-            and seq.state is not None
-            and finish.reason
-            in (
-                FinishReason.STOP,
-                FinishReason.LENGTH,
-            )
-        ):
-            snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
-            finish = Finish(finish.reason, finish.usage, snap, finish.error, finish.stop_matched)
+        if seq.request.return_state and seq.state is not None and finish.reason in _STATEFUL_ENDS:
+            try:
+                snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
+                finish = Finish(finish.reason, finish.usage, snap, finish.error, finish.stop_matched)
+            except Exception:
+                logger.exception("capturing the final state of request %s failed", seq.request.request_id)
+                self.counters["errors"] += 1
+                finish = Finish(FinishReason.ERROR, finish.usage, None, "could not capture the final state")
         seq.events.append(finish)
         seq.done = True
         seq.state = None
