@@ -14,10 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from rwkv_gateway import __version__
-from rwkv_gateway.api import health
+from rwkv_gateway.api import health, tokenize
+from rwkv_gateway.api.common.errors import BodySizeLimit
+from rwkv_gateway.api.openai import router as openai_router
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.engine import runtime
@@ -119,6 +122,18 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     app.state.injected_engine = engine
     app.state.engine = None
     app.include_router(health.router)
+    app.include_router(openai_router.router)
+    app.include_router(openai_router.utility_router)
+    app.include_router(tokenize.router)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app

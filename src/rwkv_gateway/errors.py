@@ -86,3 +86,9 @@ class StateMismatch(GatewayError):
 
 class ConfigError(GatewayError):
     code = "config_error"
+
+
+class ModelNotFound(NotFound):
+    """A request named a model this server does not serve."""
+
+    code = "model_not_found"

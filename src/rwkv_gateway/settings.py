@@ -44,6 +44,17 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     db_url: str | None = Field(default=None, description="SQLAlchemy async URL (default: SQLite in data dir)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="largest request body accepted")
+    cors_origins: list[str] = Field(
+        default_factory=list, description='CORS origins for /v1/* (["*"] for any)'
+    )
+
+    # Chat prompts (shared by the chat-shaped dialects)
+    chat_collapse_blank_lines: bool = True
+    chat_stop_on_blank_line: bool = False
+    default_max_tokens: int = Field(
+        default=1024, ge=1, description="max_tokens when a chat request sets none"
+    )
 
     # Engine
     queue_size: int = Field(default=256, ge=1, description="requests waiting for a batch slot")

@@ -89,6 +89,10 @@ class Engine(Protocol):
         InvalidParameter for bad values, before anything is streamed."""
         ...
 
+    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> list[tuple[list[float], int]]:
+        """Embedding vector and token count of each text (or token-id list), batched on the engine."""
+        ...
+
     def stats(self) -> dict[str, Any]: ...
 
 

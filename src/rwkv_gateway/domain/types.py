@@ -128,6 +128,8 @@ class GenerationRequest:
     initial_state: Snapshot | None = None
     #: Ask for the final state snapshot in `Finish.state`.
     return_state: bool = False
+    #: Ask for the text's embedding in `Finish.embedding` (see `Engine.embed`).
+    return_embedding: bool = False
     timeout_s: float | None = None
     dialect: str = "internal"
     user: str | None = None
@@ -163,6 +165,8 @@ class Finish:
     error: str | None = None
     #: The stop string or stop token id that ended the sequence, if any.
     stop_matched: str | int | None = None
+    #: L2-normalised embedding of everything fed, when the request asked for it.
+    embedding: tuple[float, ...] | None = None
 
 
 TokenEvent = TextDelta | Finish

@@ -64,6 +64,16 @@ class RwkvPackageBackend:
                 ]
         return state
 
+    def embedding(self, state: LiveState) -> list[float]:
+        """The L2-normalised LayerNorm output that fed the last layer's channel mix for the last token.
+
+        It is the deepest per-token hidden vector an RNN state keeps (every RWKV version stores it as
+        the channel mix's token-shift row), so embeddings come from the same forward as generation.
+        """
+        per_layer = 5 if self.info.version == "4" else 3
+        row = state[(self.info.n_layer - 1) * per_layer + per_layer - 1].detach().to("cpu", torch.float32)
+        return torch.nn.functional.normalize(row.reshape(-1), dim=0).tolist()
+
     @property
     def state_nbytes(self) -> int:
         return self._layout.numel * 4

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +42,14 @@ from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
 from rwkv_gateway.engine.tokenizer import Tokenizer
-from rwkv_gateway.errors import GatewayError, InvalidParameter, NotReady, PromptTooLong, ServerBusy
+from rwkv_gateway.errors import (
+    GatewayError,
+    GenerationFailed,
+    InvalidParameter,
+    NotReady,
+    PromptTooLong,
+    ServerBusy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +212,32 @@ class Scheduler:
                 self._finish(seq, FinishReason.CANCELLED, error="server shutting down")
             self._deliver(seq)
         self._active.clear()
+
+    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> list[tuple[list[float], int]]:
+        """Embed several texts at once: each is prefilled (batched with everything else) and its
+        final hidden vector returned with its token count."""
+        streams = []
+        try:
+            for item in inputs:
+                if isinstance(item, str):
+                    req = GenerationRequest(
+                        prompt=item, max_tokens=0, return_embedding=True, dialect="embedding"
+                    )
+                else:
+                    req = GenerationRequest(
+                        prompt_tokens=list(item), max_tokens=0, return_embedding=True, dialect="embedding"
+                    )
+                streams.append(await self.submit(req))
+            results: list[tuple[list[float], int]] = []
+            for stream in streams:
+                _, finish = await stream.collect()
+                if finish.embedding is None:
+                    raise GenerationFailed(finish.error or "embedding failed")
+                results.append((list(finish.embedding), finish.usage.prompt_tokens))
+            return results
+        finally:
+            for stream in streams:
+                stream.cancel()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -494,10 +527,22 @@ class Scheduler:
         self._complete(seq, finish)
 
     def _complete(self, seq: _Sequence, finish: Finish) -> None:
+        if seq.request.return_embedding and seq.state is not None and finish.reason in _STATEFUL_ENDS:
+            try:
+                vector = tuple(self.backend.embedding(seq.state))
+                finish = Finish(
+                    finish.reason, finish.usage, finish.state, finish.error, finish.stop_matched, vector
+                )
+            except Exception:
+                logger.exception("embedding of request %s failed", seq.request.request_id)
+                self.counters["errors"] += 1
+                finish = Finish(FinishReason.ERROR, finish.usage, None, "could not compute the embedding")
         if seq.request.return_state and seq.state is not None and finish.reason in _STATEFUL_ENDS:
             try:
                 snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
-                finish = Finish(finish.reason, finish.usage, snap, finish.error, finish.stop_matched)
+                finish = Finish(
+                    finish.reason, finish.usage, snap, finish.error, finish.stop_matched, finish.embedding
+                )
             except Exception:
                 logger.exception("capturing the final state of request %s failed", seq.request.request_id)
                 self.counters["errors"] += 1

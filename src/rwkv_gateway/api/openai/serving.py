@@ -1,0 +1,501 @@
+"""OpenAI serving logic: wire requests -> engine requests -> OpenAI responses and SSE chunks.
+
+Requests are admitted (`engine.submit`) before a response object exists, so a full queue or a bad
+value is a real HTTP status; after the first byte, failures travel in-band as one `data: {"error":..}`
+event followed by `data: [DONE]`. With `n > 1` the prompt is prefilled once and the n choices are
+sampled from copies of that state. Every stream ends with `[DONE]`, and a stream whose client goes
+away cancels its engine sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from rwkv_gateway.api.openai.errors import stream_error_event
+from rwkv_gateway.api.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SamplingFields,
+)
+from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
+from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
+from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
+from rwkv_gateway.settings import Settings
+
+FINGERPRINT = "fp_rwkv"
+DONE = "[DONE]"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def model_id(info: ModelInfo) -> str:
+    return info.name
+
+
+def check_model(requested: str | None, info: ModelInfo) -> str:
+    """The served model's id; a request naming another model is a 404 (an omitted model is fine)."""
+    served = model_id(info)
+    if requested is not None and requested != served:
+        raise ModelNotFound(
+            f"The model '{requested}' does not exist. This server serves '{served}'.", param="model"
+        )
+    return served
+
+
+def model_card(info: ModelInfo, created: int) -> dict[str, Any]:
+    return {"id": model_id(info), "object": "model", "created": created, "owned_by": "rwkv"}
+
+
+def sampling_params(req: SamplingFields, vocab_size: int) -> SamplingParams:
+    """OpenAI knobs -> the engine's sampler (OpenAI defaults: temperature 1, top_p 1, no penalties)."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < vocab_size:
+            raise InvalidParameter(f"logit_bias key {key} is not a token id", param="logit_bias")
+        bias[token] = value
+    mirostat_tau = None
+    if req.mirostat_mode or (req.mirostat_mode is None and req.mirostat_tau is not None):
+        # Mirostat v1 and v2 are both served by v2 (the only variant the sampler implements).
+        mirostat_tau = req.mirostat_tau if req.mirostat_tau is not None else 5.0
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        mirostat_tau=mirostat_tau,
+        mirostat_eta=req.mirostat_eta if req.mirostat_eta is not None else 0.1,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        penalty_decay=1.0 if req.penalty_decay is None else req.penalty_decay,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        # HF-style repetition penalty (what SillyTavern users expect) covers the prompt too.
+        penalize_prompt=req.repetition_penalty is not None,
+        logit_bias=bias,
+        seed=req.seed,
+    )
+
+
+def check_max_tokens(value: int, settings: Settings, param: str) -> int:
+    if value > settings.max_new_tokens:
+        raise InvalidParameter(f"{param} must be at most {settings.max_new_tokens}, got {value}", param=param)
+    return value
+
+
+def chat_template(settings: Settings) -> ChatTemplate:
+    return ChatTemplate(
+        collapse_blank_lines=settings.chat_collapse_blank_lines,
+        stop_on_blank_line=settings.chat_stop_on_blank_line,
+    )
+
+
+def chat_prompt(req: ChatCompletionRequest, template: ChatTemplate) -> str:
+    try:
+        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
+    except ValueError as exc:
+        raise InvalidParameter(str(exc), param="messages") from None
+    return template.render(messages)
+
+
+def finish_reason(finish: Finish) -> str:
+    # A timeout is a server-side length limit; cancelled streams are never reported to anyone.
+    return "stop" if finish.reason is FinishReason.STOP else "length"
+
+
+@dataclass(slots=True)
+class Admitted:
+    """The engine streams of one request's choices, admitted before any response starts."""
+
+    streams: list[TokenStream]
+    prompt_tokens: int
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()
+
+
+async def admit(engine: Engine, base: GenerationRequest, n: int) -> Admitted:
+    """Submit the choices. n > 1: prefill once, then sample each choice from a copy of that state."""
+    if n == 1:
+        stream = await engine.submit(base)
+        return Admitted([stream], stream.prompt_token_count)
+    prefill = await engine.submit(
+        replace(base, max_tokens=0, return_state=True, stop=(), request_id=base.request_id)
+    )
+    _, finish = await prefill.collect()
+    if finish.state is None:
+        raise GenerationFailed(finish.error or "prefilling the prompt failed")
+    streams: list[TokenStream] = []
+    try:
+        for i in range(n):
+            seed = None if base.sampling.seed is None else base.sampling.seed + i
+            streams.append(
+                await engine.submit(
+                    replace(
+                        base,
+                        prompt=None,
+                        prompt_tokens=None,
+                        initial_state=finish.state,
+                        sampling=replace(base.sampling, seed=seed),
+                        request_id=f"{base.request_id}-{i}",
+                    )
+                )
+            )
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return Admitted(streams, prefill.prompt_token_count)
+
+
+async def merged(streams: Sequence[TokenStream]) -> AsyncIterator[tuple[int, TextDelta | Finish]]:
+    """Events of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, TextDelta | Finish]] = asyncio.Queue()
+
+    async def pump(index: int, stream: TokenStream) -> None:
+        async for event in stream:
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, event = await queue.get()
+            if isinstance(event, Finish):
+                remaining -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+def text_or_token_inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's prompt/input union (a text, texts, a token list, token lists) as a list of inputs."""
+    if isinstance(raw, str):
+        return [raw]
+    ints = [x for x in raw if isinstance(x, int)]
+    if raw and len(ints) == len(raw):
+        return [ints]
+    out: list[str | list[int]] = []
+    for item in raw:
+        if isinstance(item, int):
+            raise InvalidParameter("mixed token ids and texts in one list", param="prompt")
+        out.append(item)
+    return out
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def collect_all(admitted: Admitted) -> tuple[list[str], list[Finish]]:
+    texts = [""] * len(admitted.streams)
+    finishes: list[Finish | None] = [None] * len(admitted.streams)
+    async for index, event in merged(admitted.streams):
+        if isinstance(event, TextDelta):
+            texts[index] += event.text
+        else:
+            finishes[index] = event
+    done = [f for f in finishes if f is not None]
+    for finish in done:
+        if finish.reason is FinishReason.ERROR:
+            raise GenerationFailed(finish.error or "generation failed")
+    return texts, done
+
+
+# ---------------------------------------------------------------------------- chat completions
+
+
+class ChatCompletion:
+    def __init__(self, engine: Engine, settings: Settings, req: ChatCompletionRequest) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.req = req
+        self.model = check_model(req.model, engine.info)
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    def engine_request(self) -> GenerationRequest:
+        req, settings = self.req, self.settings
+        if req.tools:
+            raise InvalidParameter("tools / function calling are not supported by this model", param="tools")
+        template = chat_template(settings)
+        limit = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens
+        return GenerationRequest(
+            prompt=chat_prompt(req, template),
+            sampling=sampling_params(req, self.engine.info.vocab_size),
+            max_tokens=max_tokens,
+            stop=(*template.stops, *req.stop_list()),
+            dialect="openai",
+            user=req.user,
+        )
+
+    async def admit(self, api_key_id: str | None) -> Admitted:
+        base = self.engine_request()
+        base.api_key_id = api_key_id
+        return await admit(self.engine, base, self.req.n)
+
+    async def response(self, admitted: Admitted) -> dict[str, Any]:
+        texts, finishes = await collect_all(admitted)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text.strip(), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(fin),
+            }
+            for i, (text, fin) in enumerate(zip(texts, finishes, strict=True))
+        ]
+        completion = sum(f.usage.completion_tokens for f in finishes)
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": usage_dict(admitted.prompt_tokens, completion),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            body["usage"] = usage
+        return dumps(body)
+
+    async def events(self, admitted: Admitted) -> AsyncIterator[str]:
+        n = len(admitted.streams)
+        trimmers = [ReplyTrimmer() for _ in range(n)]
+        completion = 0
+        try:
+            for i in range(n):
+                delta = {"role": "assistant", "content": ""}
+                yield self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+            async for i, event in merged(admitted.streams):
+                if isinstance(event, TextDelta):
+                    text = trimmers[i].push(event.text)
+                    if text:
+                        choice = {
+                            "index": i,
+                            "delta": {"content": text},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        yield self._chunk([choice])
+                    continue
+                if event.reason is FinishReason.ERROR:
+                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
+                    yield DONE
+                    return
+                completion += event.usage.completion_tokens
+                choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(event)}
+                yield self._chunk([choice])
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
+            yield DONE
+        except GatewayError as exc:
+            yield stream_error_event(exc)
+            yield DONE
+        finally:
+            admitted.cancel()
+
+
+# ---------------------------------------------------------------------------- text completions
+
+
+class TextCompletion:
+    def __init__(self, engine: Engine, settings: Settings, req: CompletionRequest) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.req = req
+        self.model = check_model(req.model, engine.info)
+        self.id = f"cmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        if req.suffix:
+            raise InvalidParameter(
+                "suffix (fill-in-the-middle) is not supported by /v1/completions", param="suffix"
+            )
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidParameter("best_of is not supported (use n)", param="best_of")
+        self.prompts = self._prompts()
+
+    def _prompts(self) -> list[str | list[int]]:
+        prompts = text_or_token_inputs(self.req.prompt)
+        if not prompts:
+            raise InvalidParameter("prompt must not be empty", param="prompt")
+        return prompts
+
+    def engine_request(self, prompt: str | list[int]) -> GenerationRequest:
+        req = self.req
+        max_tokens = check_max_tokens(
+            16 if req.max_tokens is None else req.max_tokens, self.settings, "max_tokens"
+        )
+        text_prompt = prompt if isinstance(prompt, str) else None
+        if text_prompt == "":
+            raise InvalidParameter("prompt must not be empty", param="prompt")
+        return GenerationRequest(
+            prompt=text_prompt,
+            prompt_tokens=None if isinstance(prompt, str) else prompt,
+            sampling=sampling_params(req, self.engine.info.vocab_size),
+            max_tokens=max_tokens,
+            stop=tuple(req.stop_list()),
+            dialect="openai",
+            user=req.user,
+        )
+
+    async def admit(self, api_key_id: str | None) -> Admitted:
+        """One Admitted per prompt x n choices, flattened in OpenAI's choice order."""
+        streams: list[TokenStream] = []
+        prompt_tokens = 0
+        try:
+            for prompt in self.prompts:
+                base = self.engine_request(prompt)
+                base.api_key_id = api_key_id
+                one = await admit(self.engine, base, self.req.n)
+                streams.extend(one.streams)
+                prompt_tokens += one.prompt_tokens
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return Admitted(streams, prompt_tokens)
+
+    def _echo(self, index: int) -> str:
+        if not self.req.echo:
+            return ""
+        prompt = self.prompts[index // self.req.n]
+        return prompt if isinstance(prompt, str) else self.engine.codec.decode(prompt)
+
+    async def response(self, admitted: Admitted) -> dict[str, Any]:
+        texts, finishes = await collect_all(admitted)
+        choices = [
+            {"text": self._echo(i) + text, "index": i, "logprobs": None, "finish_reason": finish_reason(fin)}
+            for i, (text, fin) in enumerate(zip(texts, finishes, strict=True))
+        ]
+        completion = sum(f.usage.completion_tokens for f in finishes)
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": usage_dict(admitted.prompt_tokens, completion),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            body["usage"] = usage
+        return dumps(body)
+
+    async def events(self, admitted: Admitted) -> AsyncIterator[str]:
+        completion = 0
+        try:
+            for i in range(len(admitted.streams)):
+                if echo := self._echo(i):
+                    yield self._chunk([{"text": echo, "index": i, "logprobs": None, "finish_reason": None}])
+            async for i, event in merged(admitted.streams):
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        yield self._chunk(
+                            [{"text": event.text, "index": i, "logprobs": None, "finish_reason": None}]
+                        )
+                    continue
+                if event.reason is FinishReason.ERROR:
+                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
+                    yield DONE
+                    return
+                completion += event.usage.completion_tokens
+                yield self._chunk(
+                    [{"text": "", "index": i, "logprobs": None, "finish_reason": finish_reason(event)}]
+                )
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
+            yield DONE
+        except GatewayError as exc:
+            yield stream_error_event(exc)
+            yield DONE
+        finally:
+            admitted.cancel()
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+async def embeddings(engine: Engine, req: EmbeddingRequest) -> dict[str, Any]:
+    model = check_model(req.model, engine.info)
+    inputs = text_or_token_inputs(req.input)
+    if not inputs or any(len(x) == 0 for x in inputs):
+        raise InvalidParameter("input must be a non-empty string or list of non-empty strings", param="input")
+    if len(inputs) > 2048:
+        raise InvalidParameter("at most 2048 inputs per request", param="input")
+    results = await engine.embed(inputs)
+    data = []
+    prompt_tokens = 0
+    for index, (vector, tokens) in enumerate(results):
+        if req.dimensions is not None:
+            if req.dimensions > len(vector):
+                raise InvalidParameter(
+                    f"dimensions must be at most {len(vector)} for this model", param="dimensions"
+                )
+            vector = _renormalize(vector[: req.dimensions])
+        data.append(
+            {"object": "embedding", "index": index, "embedding": encode_vector(vector, req.encoding_format)}
+        )
+        prompt_tokens += tokens
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def _renormalize(vector: list[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5
+    return [x / norm for x in vector] if norm > 0 else vector
