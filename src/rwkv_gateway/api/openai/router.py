@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from rwkv_gateway.api.common.auth import openai_key
 from rwkv_gateway.api.common.deps import EngineDep, SettingsDep
+from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import dialect_route
 from rwkv_gateway.api.openai import serving
 from rwkv_gateway.api.openai.errors import OpenAIErrors
@@ -51,7 +52,7 @@ async def get_model(model_id: str, engine: EngineDep, _key: KeyDep) -> dict[str,
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
+    request: Request, body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
 ) -> JSONResponse | EventSourceResponse:
     """Chat completions, streamed (SSE, `data: [DONE]` last) or not."""
     chat = serving.ChatCompletion(engine, settings, body)
@@ -59,14 +60,14 @@ async def chat_completions(
     if body.stream:
         return _sse(chat.events(admitted))
     try:
-        return JSONResponse(await chat.response(admitted))
+        return JSONResponse(await unless_disconnected(request, chat.response(admitted)))
     finally:
         admitted.cancel()
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
+    request: Request, body: CompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
 ) -> JSONResponse | EventSourceResponse:
     """Legacy text completions: the prompt is raw text (no chat template)."""
     completion = serving.TextCompletion(engine, settings, body)
@@ -74,7 +75,7 @@ async def completions(
     if body.stream:
         return _sse(completion.events(admitted))
     try:
-        return JSONResponse(await completion.response(admitted))
+        return JSONResponse(await unless_disconnected(request, completion.response(admitted)))
     finally:
         admitted.cancel()
 
