@@ -26,6 +26,7 @@ from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
 from rwkv_gateway.errors import GatewayError, ServerBusy
+from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.settings import Settings
 
@@ -65,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db_engine = create_db_engine(settings.database_url)
     state.db_engine = db_engine
     state.sessions = make_session_factory(db_engine)
+    state.credentials = CredentialService(state.sessions)
     request_logger = RequestLogger(state.sessions)
     await request_logger.start()
     state.request_logger = request_logger

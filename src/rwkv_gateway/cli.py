@@ -1,4 +1,4 @@
-"""The `rwkv-gateway` command: serve, write a demo checkpoint, manage the database.
+"""The `rwkv-gateway` command: serve, write a demo checkpoint, manage the database and the API keys.
 
 Every option is also a `RWKV_GATEWAY_*` environment variable (the Settings object reads them); an
 option given on the command line wins. Errors a user can fix print one line and exit non-zero.
@@ -6,18 +6,25 @@ option given on the command line wins. Errors a user can fix print one line and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
 
 from rwkv_gateway.errors import GatewayError
 from rwkv_gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from rwkv_gateway.services.credentials import CredentialKind, CredentialService
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="rwkv-gateway",
@@ -28,6 +35,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database migrations (acts on the same database as `serve`).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(
+    help="API credentials: OpenAI keys and Baidu AK/SK pairs (same database as `serve`).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
 
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="data directory [env RWKV_GATEWAY_DATA_DIR]")
@@ -198,6 +210,124 @@ def db_current(data_dir: DataDirOpt = None, db_url: DbUrlOpt = None) -> None:
 
     settings = _settings(data_dir=data_dir, db_url=db_url)
     typer.echo(current_revision(settings.database_url) or "empty (no migrations applied)")
+
+
+KindOpt = Annotated[str, typer.Option("--kind", help="openai or baidu")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
+
+
+def _kind(value: str) -> CredentialKind:
+    if value not in ("openai", "baidu"):
+        _fail(f"--kind must be openai or baidu, not {value!r}")
+    return cast("CredentialKind", value)
+
+
+def _with_credentials(
+    data_dir: Path | None, db_url: str | None, call: Callable[[CredentialService], Awaitable[T]]
+) -> T:
+    """Bring the database up to date, then return what `call` does with a CredentialService on it."""
+    from rwkv_gateway.db.migrate import upgrade
+    from rwkv_gateway.db.session import create_db_engine, make_session_factory
+    from rwkv_gateway.services.credentials import CredentialService
+
+    # No mkdir of the data dir: with --db-url it is not used, and a SQLite file's directory is made
+    # by the engine.
+    settings = _settings(data_dir=data_dir, db_url=db_url)
+    try:
+        # Synchronous, with its own event loop: it must run before asyncio.run below, not inside it.
+        upgrade(settings.database_url)
+    except Exception as exc:
+        _fail(f"migration failed: {exc}", code=1)
+
+    async def run() -> T:
+        engine = create_db_engine(settings.database_url)
+        try:
+            return await call(CredentialService(make_session_factory(engine)))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except GatewayError as exc:
+        _fail(exc.message, code=1)
+
+
+@keys_app.command("create")
+def keys_create(
+    kind: KindOpt,
+    name: Annotated[str | None, typer.Option("--name", help="a label to tell credentials apart")] = None,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Make an OpenAI API key or a Baidu AK/SK pair and print it (the only time the secret is shown)."""
+    checked = _kind(kind)
+    created = _with_credentials(data_dir, db_url, lambda service: service.create(checked, name))
+    if as_json:
+        out = {"api_key": created.api_key}
+        if created.secret_key is not None:
+            out["secret_key"] = created.secret_key
+        typer.echo(json.dumps(out))
+        return
+    label = f" ({created.name})" if created.name else ""
+    typer.echo(f"created {created.kind} credential {created.id}{label}")
+    typer.echo(f"api_key:    {created.api_key}")
+    if created.secret_key is not None:
+        typer.echo(f"secret_key: {created.secret_key}")
+    typer.echo("store it now: the secret cannot be shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    kind: Annotated[str | None, typer.Option("--kind", help="only openai or only baidu")] = None,
+    include_revoked: Annotated[bool, typer.Option("--all", help="include revoked credentials")] = False,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """List credentials: id, kind, key prefix or AK, name, dates (never a secret)."""
+    checked = None if kind is None else _kind(kind)
+    infos = _with_credentials(
+        data_dir, db_url, lambda service: service.list(checked, include_revoked=include_revoked)
+    )
+    if as_json:
+        rows = [
+            {
+                "id": info.id,
+                "kind": info.kind,
+                "key": info.display,
+                "name": info.name,
+                "created_at": info.created_at.isoformat(),
+                "revoked_at": info.revoked_at.isoformat() if info.revoked_at else None,
+            }
+            for info in infos
+        ]
+        typer.echo(json.dumps(rows))
+        return
+    if not infos:
+        typer.echo("no credentials", err=True)
+        return
+    typer.echo(f"{'ID':>4}  {'KIND':<6}  {'KEY':<24}  {'CREATED (UTC)':<19}  {'STATUS':<7}  NAME")
+    for info in infos:
+        status = "active" if info.active else "revoked"
+        created = info.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(
+            f"{info.id:>4}  {info.kind:<6}  {info.display:<24}  {created:<19}  {status:<7}  {info.name}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    identifier: Annotated[
+        str, typer.Argument(help="the id, the full OpenAI key, its listed prefix, or the Baidu AK")
+    ],
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Revoke a credential and every access token issued for it."""
+    if not _with_credentials(data_dir, db_url, lambda service: service.revoke(identifier)):
+        _fail(f"no active credential matches {identifier!r}", code=1)
+    typer.echo(f"revoked {identifier}")
 
 
 def main() -> None:

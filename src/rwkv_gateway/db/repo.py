@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Result, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from rwkv_gateway.db.models import RequestLogEntry
+from rwkv_gateway.db.models import AccessToken, ApiCredential, RequestLogEntry
 from rwkv_gateway.domain.types import RequestRecord
 
 
@@ -60,3 +61,126 @@ class RequestLogRepo:
 
     async def count(self) -> int:
         return (await self.session.scalar(select(func.count()).select_from(RequestLogEntry))) or 0
+
+
+class CredentialRepo:
+    """Rows of `api_credentials`: API keys and AK/SK pairs, looked up by their stored key value.
+
+    What `api_key` holds is the credentials service's business (a Baidu AK as is, an OpenAI key as a
+    digest); this class only matches values it is given.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(
+        self, kind: str, api_key: str, secret: str | None, name: str, *, created_at: datetime | None = None
+    ) -> ApiCredential:
+        credential = ApiCredential(kind=kind, api_key=api_key, secret=secret, name=name)
+        if created_at is not None:
+            credential.created_at = created_at
+        self.session.add(credential)
+        await self.session.flush()
+        return credential
+
+    async def get(self, credential_id: int) -> ApiCredential | None:
+        return await self.session.get(ApiCredential, credential_id)
+
+    async def get_by_key(
+        self, kind: str, key_value: str, *, active_only: bool = False
+    ) -> ApiCredential | None:
+        """The credential of `kind` whose stored `api_key` equals `key_value`."""
+        query = select(ApiCredential).where(ApiCredential.kind == kind, ApiCredential.api_key == key_value)
+        if active_only:
+            query = query.where(ApiCredential.revoked_at.is_(None))
+        return (await self.session.scalars(query)).one_or_none()
+
+    async def find_active_by_key_prefix(self, prefix: str) -> Sequence[ApiCredential]:
+        """Active credentials whose stored `api_key` starts with `prefix` (taken literally, no wildcards)."""
+        query = (
+            select(ApiCredential)
+            .where(
+                ApiCredential.api_key.startswith(prefix, autoescape=True), ApiCredential.revoked_at.is_(None)
+            )
+            .order_by(ApiCredential.id)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def list(
+        self, kind: str | None = None, *, include_revoked: bool = False
+    ) -> Sequence[ApiCredential]:
+        """Credentials in creation order, optionally of one kind, revoked ones only when asked."""
+        query = select(ApiCredential)
+        if kind is not None:
+            query = query.where(ApiCredential.kind == kind)
+        if not include_revoked:
+            query = query.where(ApiCredential.revoked_at.is_(None))
+        return (await self.session.scalars(query.order_by(ApiCredential.id))).all()
+
+    async def count_active(self, kind: str) -> int:
+        query = (
+            select(func.count())
+            .select_from(ApiCredential)
+            .where(ApiCredential.kind == kind, ApiCredential.revoked_at.is_(None))
+        )
+        return (await self.session.scalar(query)) or 0
+
+    async def revoke(self, credential_id: int, at: datetime) -> bool:
+        """Mark an active credential and every live token issued for it revoked; False if it was not active.
+
+        Rows are kept (not deleted) so the request log's key ids stay explainable.
+        """
+        result = await self.session.execute(
+            update(ApiCredential)
+            .where(ApiCredential.id == credential_id, ApiCredential.revoked_at.is_(None))
+            .values(revoked_at=at)
+        )
+        if not _rowcount(result):
+            return False
+        await self.session.execute(
+            update(AccessToken)
+            .where(AccessToken.credential_id == credential_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=at)
+        )
+        await self.session.flush()
+        return True
+
+
+class AccessTokenRepo:
+    """Rows of `access_tokens`: tokens issued for a credential, found by the digest of the token."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(
+        self, credential_id: int, token_hash: str, *, created_at: datetime, expires_at: datetime
+    ) -> AccessToken:
+        token = AccessToken(
+            credential_id=credential_id, token_hash=token_hash, created_at=created_at, expires_at=expires_at
+        )
+        self.session.add(token)
+        await self.session.flush()
+        return token
+
+    async def get_with_credential(self, token_hash: str) -> tuple[AccessToken, ApiCredential] | None:
+        """The token with this digest and the credential it was issued for, in one query."""
+        query = (
+            select(AccessToken, ApiCredential)
+            .join(ApiCredential, AccessToken.credential_id == ApiCredential.id)
+            .where(AccessToken.token_hash == token_hash)
+        )
+        row = (await self.session.execute(query)).one_or_none()
+        return None if row is None else (row[0], row[1])
+
+    async def revoke(self, token_id: int, at: datetime) -> None:
+        await self.session.execute(
+            update(AccessToken)
+            .where(AccessToken.id == token_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=at)
+        )
+        await self.session.flush()
+
+
+def _rowcount(result: Result[Any]) -> int:
+    # DML results are CursorResults at runtime; `Session.execute` is typed as returning a plain Result.
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -23,8 +23,16 @@ __all__ = ["Sampler"]
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
-#: First guess for how many top tokens hold the nucleus; grown x8 until they do (see `_nucleus`).
+#: How many top tokens the cheap first try of `_nucleus` takes (enough for a peaked distribution).
 _NUCLEUS_FIRST_K = 64
+#: That try is made only when the top probability is at least top_p / this (a flatter distribution
+#: cannot fit its nucleus into 64 tokens, and the failed topk would cost as much as the exact search).
+_NUCLEUS_TRY_RATIO = 16.0
+#: Vocabularies up to this size get one stable sort: cheaper than the histogram's fixed cost.
+_NUCLEUS_SORT_VOCAB = 2048
+#: Boundary bands up to this size are sorted; larger ones (near-uniform or tie-heavy distributions)
+#: are resolved by a second histogram over the low 16 bits of the float32 keys.
+_NUCLEUS_SORT_BAND = 2048
 _SEED_MASK = (1 << 64) - 1
 #: Block length of the two-level inverse-CDF draw (see `_draw`).
 _DRAW_BLOCK = 256
@@ -226,28 +234,96 @@ class Sampler:
             if self._top_p < 1.0:
                 n = _nucleus_size(vals, self._top_p)
                 vals, ids = vals[:n], ids[:n]
-        else:
-            vals, ids = self._nucleus(probs)
+            return self._min_p_prefix(vals, ids)
+        dist, floor = _nucleus(probs, self._top_p)
+        if self._min_p <= 0.0:
+            return dist
+        if dist.ids is not None:
+            return self._min_p_prefix(dist.weights, dist.ids)
+        # The nucleus holds every token above `floor` and none below it. Min-p keeps p >= cut: with
+        # cut > floor those tokens are all in the nucleus and are the answer; otherwise every token of
+        # the nucleus passes. Either way no ordering is needed.
+        cut = self._min_p * probs.max()
+        if float(cut) > floor:
+            return _Dist(torch.where(probs >= cut, probs, 0.0), None)
+        return dist
+
+    def _min_p_prefix(self, vals: torch.Tensor, ids: torch.Tensor) -> _Dist:
+        """Min-p on descending `vals`: a prefix (never empty: vals[0] passes)."""
         if self._min_p > 0.0:
-            # vals is sorted descending, so min-p keeps a prefix (never empty: vals[0] passes).
             n = int((vals >= self._min_p * vals[0]).sum())
             vals, ids = vals[:n], ids[:n]
         return _Dist(vals, ids)
 
-    def _nucleus(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-p without a full sort: sorting 65536 floats costs milliseconds on CPU, while the
-        nucleus usually sits in the first few dozen tokens, so take growing top-k slices until one
-        holds `top_p` of the mass."""
-        target = self._top_p * float(probs.sum(dtype=torch.float64))
-        k = min(_NUCLEUS_FIRST_K, self._vocab_size)
-        while True:
-            vals, ids = torch.topk(probs, k)
-            if k == self._vocab_size or float(vals.sum(dtype=torch.float64)) >= target:
-                break
-            k = min(k * 8, self._vocab_size)
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
+    """Top-p of float32 `probs` (non-negative, some positive): the smallest set of most probable tokens
+    holding `top_p` of the mass, ties at the boundary going to the lower ids (top_p 0: the top token).
+    Also returns the set's smallest probability, `floor`: every token above it is in the set.
+
+    Sorting 65536 floats costs milliseconds on CPU, so only the tokens whose order matters are ordered:
+
+    * A small vocabulary is simply sorted.
+    * A peaked distribution's nucleus fits in a topk(64), tried when the top probability allows it.
+    * Otherwise a histogram finds the boundary. The bit patterns of non-negative float32 numbers order
+      like the numbers, so bucketing by the high 16 bits (exponent and 7 mantissa bits) and summing
+      each bucket in float64 (exactly: a bucket's values share one exponent) shows in which bucket the
+      mass, accumulated from the top, reaches the target. Every token of a higher bucket is in the
+      nucleus without being ordered; only the boundary bucket (a narrow band of values) is sorted to
+      decide how many of its tokens to take, or, if it is large (a near-uniform or tie-heavy
+      distribution), bucketed again by the low 16 bits, which leaves exact ties, taken by id.
+
+    The first two give compact (weights, ids) sorted by descending weight, the last full-vocabulary
+    weights with zeros outside the nucleus.
+    """
+    if probs.shape[0] <= _NUCLEUS_SORT_VOCAB:
+        vals, ids = torch.sort(probs, descending=True, stable=True)
+        n = _nucleus_size(vals, top_p)
+        return _Dist(vals[:n], ids[:n]), float(vals[n - 1])
+    if float(probs.max()) * _NUCLEUS_TRY_RATIO >= top_p:
+        vals, ids = torch.topk(probs, _NUCLEUS_FIRST_K)
+        target = top_p * float(probs.sum(dtype=torch.float64))
         n = int((torch.cumsum(vals, 0, dtype=torch.float64) < target).sum()) + 1
-        n = min(n, k)
-        return vals[:n], ids[:n]
+        if n < _NUCLEUS_FIRST_K:
+            last, after = vals[n - 1 : n + 1].tolist()
+            # A tie across the cut would leave the choice among equal tokens to topk: not by id.
+            if after < last:
+                return _Dist(vals[:n], ids[:n]), last
+    return _nucleus_by_histogram(probs, top_p)
+
+
+def _nucleus_by_histogram(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
+    """The histogram search of `_nucleus` (which see); returns full-vocabulary weights."""
+    keys = probs.view(torch.int32)
+    high = keys >> 16
+    # Cumulative mass of the buckets from the most probable down.
+    cum = torch.bincount(high, weights=probs.double()).flip(0).cumsum(0)
+    last = cum.shape[0] - 1
+    target = top_p * float(cum[last])
+    i = min(int((cum < target).sum()), last)  # the first bucket that reaches the target
+    above = float(cum[i - 1]) if i else 0.0
+    band = torch.nonzero(high == last - i).squeeze(1)  # ascending ids
+    if band.shape[0] <= _NUCLEUS_SORT_BAND:
+        vals, order = torch.sort(probs[band], descending=True, stable=True)
+        ids = band[order]  # stable: equal values stay in id order
+    else:
+        low = keys[band] & 0xFFFF
+        hist = torch.bincount(low, weights=probs[band].double()).flip(0)
+        hist[0] += above
+        cum = hist.cumsum(0)
+        last = cum.shape[0] - 1
+        j = min(int((cum < target).sum()), last)
+        above = float(cum[j - 1]) if j else above
+        ids = band[low == last - j]  # one exact value: ties, in id order
+        vals = probs[ids]
+    # Accumulate the band in order, continuing from the mass above it.
+    acc = vals.double()
+    acc[0] += above
+    m = min(int((acc.cumsum(0) < target).sum()) + 1, ids.shape[0])
+    floor = float(vals[m - 1])
+    weights = torch.nn.functional.threshold(probs, floor, 0.0)  # every token above floor
+    weights[ids[:m]] = vals[:m]  # and the band's chosen tokens equal to it
+    return _Dist(weights, None), floor
 
 
 def _nucleus_size(sorted_vals: torch.Tensor, top_p: float) -> int:

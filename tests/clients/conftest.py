@@ -1,0 +1,139 @@
+"""Live servers for the client-library tests: `python -m rwkv_gateway serve` as a subprocess on a free port.
+
+Each fixture starts its own server (own data dir, own settings from `RWKV_GATEWAY_*` variables), waits
+for `/readyz`, and stops it with SIGTERM at teardown. The server's log goes to a file in its data dir
+and is shown when it fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+CLI = [sys.executable, "-m", "rwkv_gateway"]
+API_KEY = "anything"  # no keys configured: any Bearer value is accepted
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    port: int
+    data_dir: Path
+    log: Path
+    model_name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def readyz(self) -> dict[str, Any]:
+        resp = httpx.get(f"{self.url}/readyz", timeout=5)
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def openai(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+    def async_openai(self, api_key: str = API_KEY) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> dict[str, Any]:
+        """Poll /readyz until `predicate(body)` holds; the last body is returned (or the test fails)."""
+        deadline = time.monotonic() + timeout
+        body = self.readyz()
+        while not predicate(body):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; /readyz says {body}")
+            time.sleep(0.05)
+            body = self.readyz()
+        return body
+
+
+def _log_tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def live_server(model: Path, data_dir: Path, **settings: str) -> Iterator[LiveServer]:
+    """Start `rwkv_gateway serve`; `settings` become RWKV_GATEWAY_<NAME> variables."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, **{f"RWKV_GATEWAY_{k.upper()}": v for k, v in settings.items()}}
+    log = data_dir / "server.log"
+    cmd = [*CLI, "serve", "--model", str(model), "--data-dir", str(data_dir), "--port", str(port)]
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=model.stem)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server never became ready:\n{_log_tail(log)}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The default server. A large max_new_tokens lets a test start a stream that never ends by itself."""
+    with live_server(v7_path, tmp_path_factory.mktemp("openai-server"), max_new_tokens="1000000") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def busy_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One batch slot and one queue place: a third concurrent request is turned away."""
+    with live_server(
+        v7_path,
+        tmp_path_factory.mktemp("openai-busy-server"),
+        queue_size="1",
+        max_batch_size="1",
+        max_new_tokens="1000000",
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[openai.OpenAI]:
+    with server.openai() as c:
+        yield c
