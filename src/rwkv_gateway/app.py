@@ -13,14 +13,17 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkv_gateway import __version__
 from rwkv_gateway.api import health, tokenize
-from rwkv_gateway.api.common.errors import BodySizeLimit
+from rwkv_gateway.api.common.errors import BodySizeLimit, ErrorRenderer
 from rwkv_gateway.api.openai import router as openai_router
+from rwkv_gateway.api.openai.errors import OpenAIErrors
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.engine import runtime
@@ -101,14 +104,40 @@ def _error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
+def _renderer_for(request: Request) -> ErrorRenderer | None:
+    """The dialect that owns this path renders errors raised outside its routes (404, 405, 500)."""
+    renderers: list[tuple[str, ErrorRenderer]] = request.app.state.error_renderers
+    path = request.url.path
+    for prefix, renderer in renderers:
+        if path == prefix.rstrip("/") or path.startswith(prefix):
+            return renderer
+    return None
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    if (renderer := _renderer_for(request)) is not None:
+        return renderer.gateway_error(exc)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, ServerBusy) else None
     return JSONResponse(_error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if (renderer := _renderer_for(request)) is not None:
+        error = GatewayError(str(exc.detail))
+        error.http_status = exc.status_code
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        response = renderer.gateway_error(error)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
+    return await http_exception_handler(request, exc)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    if (renderer := _renderer_for(request)) is not None:
+        return renderer.gateway_error(GatewayError("internal server error"))
     return JSONResponse(_error_body("internal_error", "internal server error"), status_code=500)
 
 
@@ -136,6 +165,8 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
             allow_headers=["*"],
             expose_headers=["x-request-id", "retry-after"],
         )
+    app.state.error_renderers = [("/v1/", OpenAIErrors())]
     app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app

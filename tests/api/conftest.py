@@ -47,7 +47,8 @@ async def serve(tmp_path: Path, v7_path: Path) -> AsyncIterator[ServeFactory]:
             app = create_app(settings)
             await stack.enter_async_context(app.router.lifespan_context(app))
             await asyncio.wait_for(app.state.model_ready.wait(), 60)
-            transport = httpx.ASGITransport(app=app)
+            # Unhandled exceptions become the 500 response a real server would send, not a raise here.
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
             )

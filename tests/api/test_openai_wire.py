@@ -218,27 +218,30 @@ async def test_non_text_content_part_is_a_400_on_messages(served: Served) -> Non
 
 
 @pytest.mark.parametrize(
-    ("change", "param", "code"),
+    ("change", "param"),
     [
-        ({"messages": []}, "messages", ...),
-        ({"messages": None}, "messages", ...),
-        ({"temperature": 5}, "temperature", ...),
-        ({"top_p": 2}, "top_p", ...),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", ...),
-        ({"logit_bias": {"not-a-token": 5}}, "logit_bias", ...),
+        ({"messages": []}, "messages"),
+        ({"messages": None}, "messages"),
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"not-a-token": 5}}, "logit_bias"),
     ],
     ids=["empty-messages", "null-messages", "temperature-5", "top_p-2", "five-stops", "logit-bias-key"],
 )
-async def test_bad_chat_values_are_400_envelopes(
-    served: Served, change: dict[str, Any], param: str, code: Any
-) -> None:
+async def test_bad_chat_values_are_400_envelopes(served: Served, change: dict[str, Any], param: str) -> None:
     resp = await served.client.post(CHAT, json=chat_body(**change))
-    assert_envelope(resp, 400, param=param, code=code)
+    assert_envelope(resp, 400, param=param)
 
 
 async def test_missing_messages_is_missing_required_parameter(served: Served) -> None:
     resp = await served.client.post(CHAT, json={"model": served.model, "max_tokens": 4})
     assert_envelope(resp, 400, param="messages", code="missing_required_parameter")
+
+
+async def test_unknown_route_and_wrong_method_under_v1_use_the_envelope(served: Served) -> None:
+    assert_envelope(await served.client.post("/v1/no-such-route", json={}), 404)
+    assert_envelope(await served.client.get(CHAT), 405)
 
 
 async def test_max_tokens_above_the_server_limit_names_the_limit(served: Served) -> None:
@@ -573,6 +576,14 @@ async def test_vllm_tokenize_and_detokenize(served: Served, tokenizer: Tokenizer
     assert resp.json() == {"prompt": text}
     resp = await client.post("/detokenize", json={"tokens": [10**9]})
     assert_envelope(resp, 400, param="tokens")
+
+
+async def test_vllm_tokenize_non_text_part_is_a_400_on_messages(served: Served) -> None:
+    content = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    resp = await served.client.post(
+        "/tokenize", json={"model": served.model, "messages": [{"role": "user", "content": content}]}
+    )
+    assert_envelope(resp, 400, param="messages")
 
 
 async def test_glm_tokenize_shape_and_byte_tokens(served: Served, tokenizer: Tokenizer) -> None:

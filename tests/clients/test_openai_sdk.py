@@ -8,8 +8,10 @@ wire-protocols.md §B as the SDK sees it: shapes, stream invariants, usage, stop
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -352,17 +354,23 @@ def test_embeddings_base64_and_float_agree(client: openai.OpenAI, server: LiveSe
 def test_embeddings_dimensions_truncate_and_renormalise(client: openai.OpenAI, server: LiveServer) -> None:
     full = client.embeddings.create(model=server.model_name, input="hello", encoding_format="float")
     vector = full.data[0].embedding
-    for encoding in ("float", "base64"):
-        short = client.embeddings.create(
-            model=server.model_name,
-            input="hello",
-            dimensions=16,
-            encoding_format=encoding,  # type: ignore[arg-type]
-        )
-        got = short.data[0].embedding
+    norm = math.sqrt(math.fsum(x * x for x in vector[:16]))
+    expected = [x / norm for x in vector[:16]]
+    as_floats = client.embeddings.create(
+        model=server.model_name, input="hello", dimensions=16, encoding_format="float"
+    )
+    # The SDK decodes base64 only when it chose the encoding itself; asked for explicitly, the string
+    # comes back as sent: little-endian float32.
+    as_base64 = client.embeddings.create(
+        model=server.model_name, input="hello", dimensions=16, encoding_format="base64"
+    )
+    raw = as_base64.data[0].embedding
+    assert isinstance(raw, str)
+    decoded = list(struct.unpack("<16f", base64.b64decode(raw)))
+    by_default = client.embeddings.create(model=server.model_name, input="hello", dimensions=16)
+    for got in (as_floats.data[0].embedding, decoded, by_default.data[0].embedding):
         assert len(got) == 16
-        norm = math.sqrt(math.fsum(x * x for x in vector[:16]))
-        assert max(abs(g - x / norm) for g, x in zip(got, vector[:16], strict=True)) < 1e-6
+        assert max(abs(g - e) for g, e in zip(got, expected, strict=True)) < 1e-6
         assert math.isclose(math.fsum(x * x for x in got), 1.0, abs_tol=1e-5)
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model=server.model_name, input="hello", dimensions=len(vector) + 1)
@@ -474,13 +482,15 @@ def test_client_disconnect_cancels_the_sequence(server: LiveServer) -> None:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = []
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()
+        for line in lines:
             if line.startswith("data: "):
                 events.append(json.loads(line.removeprefix("data: ")))
             if len(events) >= 5:
                 break
         assert all(e["object"] == "chat.completion.chunk" for e in events)
-        assert server.readyz()["active_sequences"] == 1
+        assert server.readyz()["active_sequences"] == 1, "the stream should still be generating"
+        lines.close()  # closing the body iterator drops the connection mid-stream
     server.wait_for(lambda s: s["active_sequences"] == 0, timeout=30, what="the cancelled sequence to go")
 
 

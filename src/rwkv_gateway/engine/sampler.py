@@ -281,10 +281,11 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
         n = _nucleus_size(vals, top_p)
         return _Dist(vals[:n], ids[:n]), float(vals[n - 1])
     if float(probs.max()) * _NUCLEUS_TRY_RATIO >= top_p:
-        vals, ids = torch.topk(probs, _NUCLEUS_FIRST_K)
+        k = min(_NUCLEUS_FIRST_K, probs.shape[0])
+        vals, ids = torch.topk(probs, k)
         target = top_p * float(probs.sum(dtype=torch.float64))
         n = int((torch.cumsum(vals, 0, dtype=torch.float64) < target).sum()) + 1
-        if n < _NUCLEUS_FIRST_K:
+        if n < k:
             last, after = vals[n - 1 : n + 1].tolist()
             # A tie across the cut would leave the choice among equal tokens to topk: not by id.
             if after < last:

@@ -22,7 +22,6 @@ from rwkv_gateway.api.openai.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
-from rwkv_gateway.domain.prompts import ChatMessage
 from rwkv_gateway.errors import InvalidParameter
 
 route_class = dialect_route(OpenAIErrors())
@@ -96,10 +95,8 @@ async def vllm_tokenize(body: TokenizeRequest, engine: EngineDep, settings: Sett
     serving.check_model(body.model, engine.info)
     if body.messages is not None:
         template = serving.chat_template(settings)
-        text = template.render(
-            [ChatMessage(m.role, m.text()) for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
-        )
+        messages = serving.chat_messages(body.messages)
+        text = template.render(messages, add_generation_prompt=body.add_generation_prompt)
     elif body.prompt is not None:
         text = body.prompt
     else:

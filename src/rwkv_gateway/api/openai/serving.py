@@ -22,6 +22,7 @@ from typing import Any
 from rwkv_gateway.api.openai.errors import stream_error_event
 from rwkv_gateway.api.openai.schemas import (
     ChatCompletionRequest,
+    ChatMessageIn,
     CompletionRequest,
     EmbeddingRequest,
     SamplingFields,
@@ -101,12 +102,15 @@ def chat_template(settings: Settings) -> ChatTemplate:
     )
 
 
-def chat_prompt(req: ChatCompletionRequest, template: ChatTemplate) -> str:
+def chat_messages(messages: Sequence[ChatMessageIn]) -> list[ChatMessage]:
     try:
-        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
+        return [ChatMessage(m.role, m.text()) for m in messages]
     except ValueError as exc:
         raise InvalidParameter(str(exc), param="messages") from None
-    return template.render(messages)
+
+
+def chat_prompt(req: ChatCompletionRequest, template: ChatTemplate) -> str:
+    return template.render(chat_messages(req.messages))
 
 
 def finish_reason(finish: Finish) -> str:
