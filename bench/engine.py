@@ -28,17 +28,9 @@ from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import load_tokenizer
+from stats import percentile
 
 PROMPT = "User: Tell me a long story about a lighthouse keeper and the sea.\n\nAssistant:"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def one_request(engine: Scheduler, req: GenerationRequest) -> dict[str, float]:

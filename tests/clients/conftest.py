@@ -8,6 +8,7 @@ and is shown when it fails to start.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,8 @@ class LiveServer:
     data_dir: Path
     log: Path
     model_name: str
+    #: The key clients send by default: any value while the server has no keys.
+    api_key: str = API_KEY
 
     @property
     def url(self) -> str:
@@ -53,11 +56,13 @@ class LiveServer:
         body: dict[str, Any] = resp.json()
         return body
 
-    def openai(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+    def openai(self, api_key: str | None = None) -> openai.OpenAI:
+        key = self.api_key if api_key is None else api_key
+        return openai.OpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=120)
 
-    def async_openai(self, api_key: str = API_KEY) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+    def async_openai(self, api_key: str | None = None) -> openai.AsyncOpenAI:
+        key = self.api_key if api_key is None else api_key
+        return openai.AsyncOpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=120)
 
     def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> dict[str, Any]:
         """Poll /readyz until `predicate(body)` holds; the last body is returned (or the test fails)."""
@@ -79,7 +84,9 @@ def _log_tail(log: Path, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def live_server(model: Path, data_dir: Path, **settings: str) -> Iterator[LiveServer]:
+def live_server(
+    model: Path, data_dir: Path, *, api_key: str = API_KEY, **settings: str
+) -> Iterator[LiveServer]:
     """Start `rwkv_gateway serve`; `settings` become RWKV_GATEWAY_<NAME> variables."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -88,7 +95,7 @@ def live_server(model: Path, data_dir: Path, **settings: str) -> Iterator[LiveSe
     cmd = [*CLI, "serve", "--model", str(model), "--data-dir", str(data_dir), "--port", str(port)]
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=model.stem)
+    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=model.stem, api_key=api_key)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -122,14 +129,33 @@ def server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def busy_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One batch slot and one queue place: a third concurrent request is turned away."""
+    """One batch slot and one queue place (a third concurrent request is turned away); short prompts."""
     with live_server(
         v7_path,
         tmp_path_factory.mktemp("openai-busy-server"),
         queue_size="1",
         max_batch_size="1",
         max_new_tokens="1000000",
+        max_prompt_tokens="256",
     ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def keyed_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server whose database holds an OpenAI key (made with the CLI before it starts)."""
+    data_dir = tmp_path_factory.mktemp("openai-keyed-server")
+    made = subprocess.run(
+        [*CLI, "keys", "create", "--kind", "openai", "--json", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["api_key"]
+    assert isinstance(key, str) and key
+    with live_server(v7_path, data_dir, api_key=key) as srv:
         yield srv
 
 

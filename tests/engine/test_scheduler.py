@@ -256,3 +256,25 @@ async def test_close_ends_running_and_waiting_streams(
     assert fin.reason is FinishReason.CANCELLED and fin.usage.completion_tokens == 0
     with pytest.raises(NotReady):
         await sched.submit(GenerationRequest(prompt="hi"))
+
+
+async def test_an_idle_queue_takes_a_whole_group(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
+) -> None:
+    # One client call that fans out (n choices, many embedding inputs) is admitted whole by an idle
+    # server, whatever the queue size; with requests already waiting, the bound applies again.
+    sched = Scheduler(v7_backend, tokenizer, EngineConfig(max_batch_size=2, queue_size=1))
+    await sched.start()
+    try:
+        group = [GenerationRequest(prompt_tokens=[1, 2, 3], sampling=GREEDY, max_tokens=2) for _ in range(5)]
+        streams = await sched.submit_many(group)
+        with pytest.raises(ServerBusy):
+            await sched.submit_many(group[:2])
+        results = [await s.collect() for s in streams]
+        assert len({text for text, _ in results}) == 1
+        assert all(fin.reason is FinishReason.LENGTH for _, fin in results)
+        vectors = await sched.embed(["a", "b", "c", "a"])
+        assert vectors[0] == vectors[3] and vectors[0] != vectors[1]
+        assert all(abs(sum(x * x for x in v) - 1.0) < 1e-5 for v, _ in vectors)
+    finally:
+        await sched.aclose()

@@ -140,6 +140,144 @@ def test_top_p_matches_full_sort_reference(scale: float, top_p: float) -> None:
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def _exact_nucleus(probs: torch.Tensor, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """The definition, by a full stable sort: the smallest set of most probable tokens (ties toward
+    lower ids) holding `top_p` of the mass, then min-p against the top probability; renormalised."""
+    vals, ids = torch.sort(probs, descending=True, stable=True)
+    cum = torch.cumsum(vals, 0, dtype=torch.float64)
+    n = min(int((cum < top_p * float(cum[-1])).sum()) + 1, vals.shape[0])
+    if min_p > 0.0:
+        n = min(n, int((vals >= min_p * vals[0]).sum()))
+    out = torch.zeros(probs.shape[0], dtype=torch.float64)
+    out[ids[:n]] = vals[:n].double()
+    return out / out.sum()
+
+
+def _nucleus_logits(kind: str, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "flat":  # random-weight model / high temperature: the nucleus spans thousands of tokens
+        return torch.randn(vocab, generator=gen) * 2.4
+    if kind == "very-flat":
+        return torch.randn(vocab, generator=gen)
+    if kind == "peaked":
+        return torch.randn(vocab, generator=gen) * 8.0
+    if kind == "near-uniform":  # all probabilities within a fraction of a percent of each other
+        return torch.randn(vocab, generator=gen) * 0.003
+    if kind == "uniform":
+        return torch.zeros(vocab)
+    if kind == "few-values":  # a handful of distinct probabilities, each shared by many tokens
+        scale = 0.5 + 2.5 * float(torch.rand((), generator=gen))
+        return torch.randint(0, 6, (vocab,), generator=gen).float() * scale
+    if kind == "tied-top":  # a few tokens tie for a large share; the cut falls among them
+        logits = torch.randn(vocab, generator=gen)
+        logits[torch.randperm(vocab, generator=gen)[:10]] = 10.0 if vocab > 1000 else 3.0
+        return logits
+    if kind == "mostly-banned":
+        logits = torch.randn(vocab, generator=gen) * 2.0
+        logits[torch.rand(vocab, generator=gen) < 0.8] = NEG_INF
+        logits[vocab // 2] = 0.0
+        return logits
+    raise AssertionError(kind)
+
+
+NUCLEUS_KINDS = [
+    "flat",
+    "very-flat",
+    "peaked",
+    "near-uniform",
+    "uniform",
+    "few-values",
+    "tied-top",
+    "mostly-banned",
+]
+
+
+def _assert_same_filtered(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got.double(), expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vocab", [65536, 3000, 50])
+@pytest.mark.parametrize("kind", NUCLEUS_KINDS)
+def test_top_p_is_exact_on_many_distributions(kind: str, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab + len(kind))
+    for seed in range(3):
+        logits = _nucleus_logits(kind, vocab, gen)
+        probs = torch.softmax(logits, 0)
+        for top_p in (0.0, 1e-9, 0.3, 0.5, 0.9, 0.99, 0.999999):
+            got = make(vocab, top_p=top_p, seed=seed).probabilities(logits)
+            _assert_same_filtered(got, _exact_nucleus(probs, top_p))
+
+
+@pytest.mark.parametrize("vocab", [65536, 3000])
+@pytest.mark.parametrize("kind", NUCLEUS_KINDS)
+def test_top_p_then_min_p_is_exact(kind: str, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab * 3 + len(kind))
+    logits = _nucleus_logits(kind, vocab, gen)
+    probs = torch.softmax(logits, 0)
+    for top_p in (0.5, 0.9, 0.99):
+        # Tiny min-p removes nothing from the nucleus; larger ones cut inside it.
+        for min_p in (1e-6, 0.01, 0.05, 0.3):
+            got = make(vocab, top_p=top_p, min_p=min_p).probabilities(logits)
+            _assert_same_filtered(got, _exact_nucleus(probs, top_p, min_p))
+
+
+@pytest.mark.parametrize("kind", ["flat", "very-flat", "peaked"])
+def test_top_k_then_top_p_is_exact(kind: str) -> None:
+    vocab = 65536
+    gen = torch.Generator().manual_seed(5)
+    logits = _nucleus_logits(kind, vocab, gen)
+    for top_k in (40, 1000):
+        ids = torch.topk(torch.softmax(logits, 0), top_k).indices  # no ties in these distributions
+        kept = torch.full((vocab,), NEG_INF)
+        kept[ids] = logits[ids]
+        for top_p in (0.5, 0.9):
+            got = make(vocab, top_k=top_k, top_p=top_p).probabilities(logits)
+            _assert_same_filtered(got, _exact_nucleus(torch.softmax(kept, 0), top_p))
+
+
+def test_top_p_ties_at_the_cut_go_to_lower_ids() -> None:
+    # 40 equal tokens at scattered ids (the rest impossible): top_p 0.5 keeps the 20 lowest ids.
+    vocab = 65536
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(9))[:40]
+    logits = torch.full((vocab,), NEG_INF)
+    logits[ids] = 0.0
+    sampler = make(vocab, top_p=0.5, seed=3)
+    probs = sampler.probabilities(logits)
+    lowest = sorted(ids.tolist())[:20]
+    assert torch.nonzero(probs).flatten().tolist() == lowest
+    assert probs[lowest].tolist() == pytest.approx([1 / 20] * 20)
+    draws = 2000
+    counts = Counter(sampler.sample(logits) for _ in range(draws))
+    assert set(counts) == set(lowest)
+    for token in lowest:
+        assert counts[token] / draws == pytest.approx(1 / 20, abs=0.02)
+
+
+def test_top_p_boundary_among_tokens_below_float64_resolution() -> None:
+    # One token holds all but ~1e-13 of the mass; the cut falls in a tail of ~1e-18 tokens, each too
+    # small to change a float64 running total that is near 1. It must still give a valid nucleus.
+    vocab = 65536
+    logits = -41.4 + torch.randn(vocab, generator=torch.Generator().manual_seed(2)) * 3e-3
+    logits[0] = 0.0
+    for top_p in (0.9999999999999, 0.999999999999999):
+        sampler = make(vocab, top_p=top_p)
+        probs = sampler.probabilities(logits)
+        assert probs[0] > 0.99
+        assert float(probs.sum()) == pytest.approx(1.0)
+        assert sampler.sample(logits) in set(torch.nonzero(probs).flatten().tolist())
+
+
+@pytest.mark.parametrize("kind", ["flat", "near-uniform", "few-values", "peaked"])
+def test_large_vocab_top_p_draws_stay_in_the_nucleus_and_reproduce(kind: str) -> None:
+    vocab = 65536
+    logits = _nucleus_logits(kind, vocab, torch.Generator().manual_seed(21))
+    first, second = make(vocab, top_p=0.9, seed=4), make(vocab, top_p=0.9, seed=4)
+    allowed = first.probabilities(logits) > 0
+    tokens = [first.sample(logits) for _ in range(30)]
+    assert all(allowed[t] for t in tokens)
+    assert tokens == [second.sample(logits) for _ in range(30)]
+
+
 # -- top-k ---------------------------------------------------------------------------------------------
 
 

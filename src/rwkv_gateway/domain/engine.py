@@ -89,6 +89,11 @@ class Engine(Protocol):
         InvalidParameter for bad values, before anything is streamed."""
         ...
 
+    async def submit_many(self, requests: Sequence[GenerationRequest]) -> list[TokenStream]:
+        """Admit the requests of one client call together (all or none); an idle queue always
+        takes the whole group."""
+        ...
+
     async def embed(self, inputs: Sequence[str | Sequence[int]]) -> list[tuple[list[float], int]]:
         """Embedding vector and token count of each text (or token-id list), batched on the engine."""
         ...

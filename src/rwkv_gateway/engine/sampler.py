@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ _POS_INF = float("inf")
 _NUCLEUS_FIRST_K = 64
 #: That try is made only when the top probability is at least top_p / this (a flatter distribution
 #: cannot fit its nucleus into 64 tokens, and the failed topk would cost as much as the exact search).
-_NUCLEUS_TRY_RATIO = 16.0
+_NUCLEUS_TRY_RATIO = 8.0
 #: Vocabularies up to this size get one stable sort: cheaper than the histogram's fixed cost.
 _NUCLEUS_SORT_VOCAB = 2048
 #: Boundary bands up to this size are sorted; larger ones (near-uniform or tie-heavy distributions)
@@ -61,6 +62,8 @@ class Sampler:
     * Filters are sequential as in HF and llama.cpp: top-p's cumulative mass is measured on the
       distribution renormalised after top-k; min-p compares with the largest remaining probability
       (which is scale-free, so its place in the chain does not matter).
+    * Top-p keeps the smallest set of most probable tokens holding `top_p` of the mass (top_p 0: the
+      top token). Of tokens tied at the cut the lower ids are taken (after top-k: in torch.topk's order).
     * Logits of +inf share all the mass equally; a sequence whose every token is -inf (all banned)
       fails with GenerationFailed rather than silently emitting token 0.
     """
@@ -245,7 +248,8 @@ class Sampler:
         # the nucleus passes. Either way no ordering is needed.
         cut = self._min_p * probs.max()
         if float(cut) > floor:
-            return _Dist(torch.where(probs >= cut, probs, 0.0), None)
+            # threshold() keeps p > its argument in one pass (where() takes three).
+            return _Dist(torch.threshold(probs, _float32_below(float(cut)), 0.0), None)
         return dist
 
     def _min_p_prefix(self, vals: torch.Tensor, ids: torch.Tensor) -> _Dist:
@@ -276,6 +280,9 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
     The first two give compact (weights, ids) sorted by descending weight, the last full-vocabulary
     weights with zeros outside the nucleus.
     """
+    if top_p <= 0.0:
+        top = int(torch.argmax(probs))  # the first maximal index: ties go to the lowest id
+        return _Dist(probs[top : top + 1], torch.tensor([top], device=probs.device)), float(probs[top])
     if probs.shape[0] <= _NUCLEUS_SORT_VOCAB:
         vals, ids = torch.sort(probs, descending=True, stable=True)
         n = _nucleus_size(vals, top_p)
@@ -294,37 +301,55 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
 
 
 def _nucleus_by_histogram(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
-    """The histogram search of `_nucleus` (which see); returns full-vocabulary weights."""
+    """The histogram search of `_nucleus` (which see; top_p > 0); returns full-vocabulary weights."""
     keys = probs.view(torch.int32)
     high = keys >> 16
-    # Cumulative mass of the buckets from the most probable down.
-    cum = torch.bincount(high, weights=probs.double()).flip(0).cumsum(0)
+    exact = probs.double()
+    mass = torch.bincount(high, weights=exact)
+    cum = mass.flip(0).cumsum(0)  # cumulative mass of the buckets from the most probable down
     last = cum.shape[0] - 1
     target = top_p * float(cum[last])
-    i = min(int((cum < target).sum()), last)  # the first bucket that reaches the target
+    i = min(int(torch.searchsorted(cum, target)), last)  # the first bucket that reaches the target
     above = float(cum[i - 1]) if i else 0.0
-    band = torch.nonzero(high == last - i).squeeze(1)  # ascending ids
-    if band.shape[0] <= _NUCLEUS_SORT_BAND:
+    bucket = last - i
+    # The bucket's values are at least its lower edge, so mass / edge bounds how many tokens it holds.
+    edge = _float32_from_bits(bucket << 16)
+    if float(mass[bucket]) <= _NUCLEUS_SORT_BAND * edge:
+        band = torch.nonzero(high == bucket).squeeze(1)  # ascending ids
         vals, order = torch.sort(probs[band], descending=True, stable=True)
         ids = band[order]  # stable: equal values stay in id order
+        acc = vals.double()
     else:
-        low = keys[band] & 0xFFFF
-        hist = torch.bincount(low, weights=probs[band].double()).flip(0)
-        hist[0] += above
-        cum = hist.cumsum(0)
-        last = cum.shape[0] - 1
-        j = min(int((cum < target).sum()), last)
-        above = float(cum[j - 1]) if j else above
-        ids = band[low == last - j]  # one exact value: ties, in id order
-        vals = probs[ids]
-    # Accumulate the band in order, continuing from the mass above it.
-    acc = vals.double()
+        # Too many to sort: a second histogram over the low 16 bits, within the bucket, pins the exact
+        # boundary value; the tokens that have it are ties, taken in id order.
+        # Slot 0 takes the tokens below the bucket, 1 + low bits those inside, 65537 those above.
+        slots = (keys - ((bucket << 16) - 1)).clamp_(0, (1 << 16) + 1)
+        cum = torch.bincount(slots, weights=exact, minlength=(1 << 16) + 2)[1:-1].flip(0).cumsum(0)
+        # Searched relative to `above`, so that the chosen value always has tokens, even where adding
+        # it to `above` would round away.
+        j = int(torch.searchsorted(cum, min(target - above, float(cum[-1]))))
+        above += float(cum[j - 1]) if j else 0.0
+        key = (bucket << 16) | (0xFFFF - j)
+        ids = torch.nonzero(keys == key).squeeze(1)
+        acc = torch.full(ids.shape, _float32_from_bits(key), dtype=torch.float64, device=probs.device)
+    # Accumulate the band in order, continuing from the mass above it: it needs the first m.
     acc[0] += above
-    m = min(int((acc.cumsum(0) < target).sum()) + 1, ids.shape[0])
-    floor = float(vals[m - 1])
-    weights = torch.nn.functional.threshold(probs, floor, 0.0)  # every token above floor
-    weights[ids[:m]] = vals[:m]  # and the band's chosen tokens equal to it
+    m = min(int(torch.searchsorted(acc.cumsum(0), target)) + 1, ids.shape[0])
+    floor = float(probs[ids[m - 1]])
+    # Every token >= floor, except those equal to it after the last one taken (ties go by id).
+    weights = torch.threshold(probs, _float32_below(floor), 0.0)
+    torch.threshold_(weights[int(ids[m - 1]) + 1 :], floor, 0.0)
     return _Dist(weights, None), floor
+
+
+def _float32_from_bits(bits: int) -> float:
+    return float(struct.unpack("<f", struct.pack("<I", bits))[0])
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 below the non-negative float32 `value`: for float32 p, p > it <=> p >= value."""
+    bits = int(struct.unpack("<I", struct.pack("<f", value))[0])
+    return _float32_from_bits(bits - 1) if bits else -1.0
 
 
 def _nucleus_size(sorted_vals: torch.Tensor, top_p: float) -> int:

@@ -156,6 +156,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.on_finish = on_finish
+        #: Unbounded: `submit_many` enforces the bound itself (groups are admitted whole).
         self._queue: asyncio.Queue[_Sequence] | None = None
         self._active: list[_Sequence] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
@@ -188,7 +189,7 @@ class Scheduler:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._queue = asyncio.Queue(maxsize=self.config.queue_size)
+        self._queue = asyncio.Queue()
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="rwkv-scheduler")
 
@@ -216,18 +217,18 @@ class Scheduler:
     async def embed(self, inputs: Sequence[str | Sequence[int]]) -> list[tuple[list[float], int]]:
         """Embed several texts at once: each is prefilled (batched with everything else) and its
         final hidden vector returned with its token count."""
-        streams = []
+        requests = [
+            GenerationRequest(
+                prompt=item if isinstance(item, str) else None,
+                prompt_tokens=None if isinstance(item, str) else list(item),
+                max_tokens=0,
+                return_embedding=True,
+                dialect="embedding",
+            )
+            for item in inputs
+        ]
+        streams = await self.submit_many(requests)
         try:
-            for item in inputs:
-                if isinstance(item, str):
-                    req = GenerationRequest(
-                        prompt=item, max_tokens=0, return_embedding=True, dialect="embedding"
-                    )
-                else:
-                    req = GenerationRequest(
-                        prompt_tokens=list(item), max_tokens=0, return_embedding=True, dialect="embedding"
-                    )
-                streams.append(await self.submit(req))
             results: list[tuple[list[float], int]] = []
             for stream in streams:
                 _, finish = await stream.collect()
@@ -250,8 +251,36 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
 
     async def submit(self, request: GenerationRequest) -> GenerationStream:
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationStream]:
+        """Admit several requests together (the choices of one client request): all or none.
+
+        The queue bound counts waiting sequences, but an idle queue always takes a whole group, so a
+        request that fans out (n choices, a list of prompts, many embedding inputs) is never refused
+        by an idle server however small its queue.
+        """
         if self._queue is None or self._closing:
             raise NotReady("the engine is not running")
+        self._check_room(len(requests))
+        seqs = [await self._prepare(request) for request in requests]
+        self._check_room(len(seqs))  # tokenizing yielded to the loop: look again
+        for seq in seqs:
+            self._queue.put_nowait(seq)
+        self.counters["requests"] += len(seqs)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return [seq.stream for seq in seqs]
+
+    def _check_room(self, count: int) -> None:
+        assert self._queue is not None
+        waiting = self._queue.qsize()
+        if waiting and waiting + count > self.config.queue_size:
+            self.counters["rejected_busy"] += 1
+            raise ServerBusy(f"the request queue is full ({waiting} waiting)")
+
+    async def _prepare(self, request: GenerationRequest) -> _Sequence:
+        """Validate and tokenize one request (raises InvalidParameter before anything is queued)."""
         cfg = self.config
         request.sampling.validate(self.backend.info.vocab_size)
         if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
@@ -262,9 +291,6 @@ class Scheduler:
             )
         if request.timeout_s is not None and not request.timeout_s > 0:
             raise InvalidParameter("timeout must be > 0", param="timeout")
-        if self._queue.full():
-            self.counters["rejected_busy"] += 1
-            raise ServerBusy(f"the request queue is full ({cfg.queue_size} waiting)")
         if request.prompt_tokens is not None:
             tokens = list(request.prompt_tokens)
             vocab = self.backend.info.vocab_size
@@ -289,31 +315,19 @@ class Scheduler:
                 )
         elif not tokens:
             raise InvalidParameter("the prompt is empty", param="prompt")
-
-        stream = GenerationStream(request, len(tokens))
         now = time.monotonic()
-        timeout = request.timeout_s or cfg.request_timeout_s
-        seq = _Sequence(
-            stream=stream,
+        return _Sequence(
+            stream=GenerationStream(request, len(tokens)),
             pending=tokens,
             state=None,
             sampler=Sampler(request.sampling, self.backend.info.vocab_size, prompt_tokens=tokens),
             decoder=IncrementalDecoder(self.tokenizer),
             stopper=StopMatcher(request.stop),
-            deadline=now + timeout,
+            deadline=now + (request.timeout_s or cfg.request_timeout_s),
             admitted_at=now,
             token_count=snap.token_count if snap is not None else 0,
             logits=snap.logits if snap is not None and not tokens else None,
         )
-        try:
-            self._queue.put_nowait(seq)
-        except asyncio.QueueFull:
-            self.counters["rejected_busy"] += 1
-            raise ServerBusy(f"the request queue is full ({cfg.queue_size} waiting)") from None
-        self.counters["requests"] += 1
-        assert self._wakeup is not None
-        self._wakeup.set()
-        return stream
 
     # ------------------------------------------------------------------ the step loop (event loop side)
 

@@ -135,33 +135,24 @@ async def admit(engine: Engine, base: GenerationRequest, n: int) -> Admitted:
     if n == 1:
         stream = await engine.submit(base)
         return Admitted([stream], stream.prompt_token_count)
-    prefill = await engine.submit(
-        replace(base, max_tokens=0, return_state=True, stop=(), request_id=base.request_id)
-    )
+    prefill = await engine.submit(replace(base, max_tokens=0, return_state=True, stop=()))
     _, finish = await prefill.collect()
     if finish.state is None:
         raise GenerationFailed(finish.error or "prefilling the prompt failed")
-    streams: list[TokenStream] = []
-    try:
-        for i in range(n):
-            seed = None if base.sampling.seed is None else base.sampling.seed + i
-            streams.append(
-                await engine.submit(
-                    replace(
-                        base,
-                        prompt=None,
-                        prompt_tokens=None,
-                        initial_state=finish.state,
-                        sampling=replace(base.sampling, seed=seed),
-                        request_id=f"{base.request_id}-{i}",
-                    )
-                )
-            )
-    except BaseException:
-        for stream in streams:
-            stream.cancel()
-        raise
-    return Admitted(streams, prefill.prompt_token_count)
+    choices = [
+        replace(
+            base,
+            prompt=None,
+            prompt_tokens=None,
+            initial_state=finish.state,
+            sampling=replace(
+                base.sampling, seed=None if base.sampling.seed is None else base.sampling.seed + i
+            ),
+            request_id=f"{base.request_id}-{i}",
+        )
+        for i in range(n)
+    ]
+    return Admitted(await engine.submit_many(choices), prefill.prompt_token_count)
 
 
 async def merged(streams: Sequence[TokenStream]) -> AsyncIterator[tuple[int, TextDelta | Finish]]:
@@ -379,21 +370,22 @@ class TextCompletion:
         )
 
     async def admit(self, api_key_id: str | None) -> Admitted:
-        """One Admitted per prompt x n choices, flattened in OpenAI's choice order."""
-        streams: list[TokenStream] = []
-        prompt_tokens = 0
+        """All prompts x n choices, flattened in OpenAI's choice order (prompt-major)."""
+        bases = [self.engine_request(prompt) for prompt in self.prompts]
+        for base in bases:
+            base.api_key_id = api_key_id
+        if self.req.n == 1:
+            streams = await self.engine.submit_many(bases)
+            return Admitted(streams, sum(s.prompt_token_count for s in streams))
+        groups: list[Admitted] = []
         try:
-            for prompt in self.prompts:
-                base = self.engine_request(prompt)
-                base.api_key_id = api_key_id
-                one = await admit(self.engine, base, self.req.n)
-                streams.extend(one.streams)
-                prompt_tokens += one.prompt_tokens
+            for base in bases:
+                groups.append(await admit(self.engine, base, self.req.n))
         except BaseException:
-            for stream in streams:
-                stream.cancel()
+            for group in groups:
+                group.cancel()
             raise
-        return Admitted(streams, prompt_tokens)
+        return Admitted([s for g in groups for s in g.streams], sum(g.prompt_tokens for g in groups))
 
     def _echo(self, index: int) -> str:
         if not self.req.echo:
