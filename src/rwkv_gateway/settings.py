@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
 
     # Chat prompts (shared by the chat-shaped dialects)
+    chat_system_label: str = Field(default="System", min_length=1)
+    chat_user_label: str = Field(default="User", min_length=1)
+    chat_assistant_label: str = Field(default="Assistant", min_length=1)
     chat_collapse_blank_lines: bool = True
     chat_stop_on_blank_line: bool = False
     default_max_tokens: int = Field(

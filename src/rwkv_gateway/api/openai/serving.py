@@ -97,6 +97,9 @@ def check_max_tokens(value: int, settings: Settings, param: str) -> int:
 
 def chat_template(settings: Settings) -> ChatTemplate:
     return ChatTemplate(
+        system_label=settings.chat_system_label,
+        user_label=settings.chat_user_label,
+        assistant_label=settings.chat_assistant_label,
         collapse_blank_lines=settings.chat_collapse_blank_lines,
         stop_on_blank_line=settings.chat_stop_on_blank_line,
     )
