@@ -49,19 +49,25 @@ async def get_model(model_id: str, engine: EngineDep, _key: KeyDep) -> dict[str,
     return serving.model_card(engine.info, _STARTED)
 
 
+async def _respond(
+    request: Request, job: serving.ChatCompletion | serving.TextCompletion, key: str | None, stream: bool
+) -> JSONResponse | EventSourceResponse:
+    # Admission happens before a response exists, so "busy" and bad values are real statuses.
+    admitted = await job.admit(key)
+    if stream:
+        return _sse(job.events(admitted))
+    try:
+        return JSONResponse(await unless_disconnected(request, job.response(admitted)))
+    finally:
+        admitted.cancel()
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
 ) -> JSONResponse | EventSourceResponse:
     """Chat completions, streamed (SSE, `data: [DONE]` last) or not."""
-    chat = serving.ChatCompletion(engine, settings, body)
-    admitted = await chat.admit(key)
-    if body.stream:
-        return _sse(chat.events(admitted))
-    try:
-        return JSONResponse(await unless_disconnected(request, chat.response(admitted)))
-    finally:
-        admitted.cancel()
+    return await _respond(request, serving.ChatCompletion(engine, settings, body), key, body.stream)
 
 
 @router.post("/completions", response_model=None)
@@ -69,14 +75,7 @@ async def completions(
     request: Request, body: CompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
 ) -> JSONResponse | EventSourceResponse:
     """Legacy text completions: the prompt is raw text (no chat template)."""
-    completion = serving.TextCompletion(engine, settings, body)
-    admitted = await completion.admit(key)
-    if body.stream:
-        return _sse(completion.events(admitted))
-    try:
-        return JSONResponse(await unless_disconnected(request, completion.response(admitted)))
-    finally:
-        admitted.cancel()
+    return await _respond(request, serving.TextCompletion(engine, settings, body), key, body.stream)
 
 
 @router.post("/embeddings")

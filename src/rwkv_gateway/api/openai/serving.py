@@ -17,7 +17,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from rwkv_gateway.api.openai.errors import stream_error_event
 from rwkv_gateway.api.openai.schemas import (
@@ -223,17 +223,103 @@ async def collect_all(admitted: Admitted) -> tuple[list[str], list[Finish]]:
     return texts, done
 
 
-# ---------------------------------------------------------------------------- chat completions
+# ---------------------------------------------------------------------------- completions
 
 
-class ChatCompletion:
-    def __init__(self, engine: Engine, settings: Settings, req: ChatCompletionRequest) -> None:
+class _Completion:
+    """What chat and text completions share: ids, the response envelope and the SSE stream loop.
+
+    Subclasses say how one choice looks whole (`_choice`), opened (`_opening`), as a text delta
+    (`_delta`) and closed (`_closing`).
+    """
+
+    object_name: ClassVar[str]
+    chunk_object: ClassVar[str]
+    id_prefix: ClassVar[str]
+
+    def __init__(self, engine: Engine, settings: Settings, req: SamplingFields) -> None:
         self.engine = engine
         self.settings = settings
-        self.req = req
+        self.fields = req
         self.model = check_model(req.model, engine.info)
-        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
         self.created = int(time.time())
+
+    def _choice(self, index: int, text: str, finish: Finish) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _opening(self, index: int) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
+
+    @property
+    def _include_usage(self) -> bool:
+        return self.fields.stream_options is not None and self.fields.stream_options.include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body = self._envelope(self.chunk_object, choices)
+        if self._include_usage:
+            body["usage"] = usage  # null on every chunk but the last, as the SDKs expect
+        return dumps(body)
+
+    async def response(self, admitted: Admitted) -> dict[str, Any]:
+        texts, finishes = await collect_all(admitted)
+        choices = [self._choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
+        body = self._envelope(self.object_name, choices)
+        body["usage"] = usage_dict(admitted.prompt_tokens, sum(f.usage.completion_tokens for f in finishes))
+        return body
+
+    async def events(self, admitted: Admitted) -> AsyncIterator[str]:
+        completion = 0
+        try:
+            for i in range(len(admitted.streams)):
+                if (opening := self._opening(i)) is not None:
+                    yield self._chunk([opening])
+            async for i, event in merged(admitted.streams):
+                if isinstance(event, TextDelta):
+                    if (delta := self._delta(i, event.text)) is not None:
+                        yield self._chunk([delta])
+                    continue
+                if event.reason is FinishReason.ERROR:
+                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
+                    yield DONE
+                    return
+                completion += event.usage.completion_tokens
+                yield self._chunk([self._closing(i, event)])
+            if self._include_usage:
+                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
+            yield DONE
+        except GatewayError as exc:
+            yield stream_error_event(exc)
+            yield DONE
+        finally:
+            admitted.cancel()
+
+
+class ChatCompletion(_Completion):
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, engine: Engine, settings: Settings, req: ChatCompletionRequest) -> None:
+        super().__init__(engine, settings, req)
+        self.req = req
+        self._trimmers = [ReplyTrimmer() for _ in range(req.n)]
 
     def engine_request(self) -> GenerationRequest:
         req, settings = self.req, self.settings
@@ -257,102 +343,41 @@ class ChatCompletion:
         base.api_key_id = api_key_id
         return await admit(self.engine, base, self.req.n)
 
-    async def response(self, admitted: Admitted) -> dict[str, Any]:
-        texts, finishes = await collect_all(admitted)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text.strip(), "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason(fin),
-            }
-            for i, (text, fin) in enumerate(zip(texts, finishes, strict=True))
-        ]
-        completion = sum(f.usage.completion_tokens for f in finishes)
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-            "usage": usage_dict(admitted.prompt_tokens, completion),
-        }
+    def _choice(self, index: int, text: str, finish: Finish) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text.strip(), "refusal": None}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(finish)}
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-        }
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
-            body["usage"] = usage
-        return dumps(body)
+    def _opening(self, index: int) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
-    async def events(self, admitted: Admitted) -> AsyncIterator[str]:
-        n = len(admitted.streams)
-        trimmers = [ReplyTrimmer() for _ in range(n)]
-        completion = 0
-        try:
-            for i in range(n):
-                delta = {"role": "assistant", "content": ""}
-                yield self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
-            async for i, event in merged(admitted.streams):
-                if isinstance(event, TextDelta):
-                    text = trimmers[i].push(event.text)
-                    if text:
-                        choice = {
-                            "index": i,
-                            "delta": {"content": text},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                        yield self._chunk([choice])
-                    continue
-                if event.reason is FinishReason.ERROR:
-                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
-                    yield DONE
-                    return
-                completion += event.usage.completion_tokens
-                choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(event)}
-                yield self._chunk([choice])
-            if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
-            yield DONE
-        except GatewayError as exc:
-            yield stream_error_event(exc)
-            yield DONE
-        finally:
-            admitted.cancel()
+    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
+        # Streams are trimmed like the whole reply, so both give the same text.
+        if not (text := self._trimmers[index].push(text)):
+            return None
+        return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+
+    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(finish)}
 
 
-# ---------------------------------------------------------------------------- text completions
+class TextCompletion(_Completion):
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
 
-
-class TextCompletion:
     def __init__(self, engine: Engine, settings: Settings, req: CompletionRequest) -> None:
-        self.engine = engine
-        self.settings = settings
+        super().__init__(engine, settings, req)
         self.req = req
-        self.model = check_model(req.model, engine.info)
-        self.id = f"cmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
         if req.suffix:
             raise InvalidParameter(
                 "suffix (fill-in-the-middle) is not supported by /v1/completions", param="suffix"
             )
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidParameter("best_of is not supported (use n)", param="best_of")
-        self.prompts = self._prompts()
-
-    def _prompts(self) -> list[str | list[int]]:
-        prompts = text_or_token_inputs(self.req.prompt)
-        if not prompts:
+        self.prompts = text_or_token_inputs(req.prompt)
+        if not self.prompts:
             raise InvalidParameter("prompt must not be empty", param="prompt")
-        return prompts
 
     def engine_request(self, prompt: str | list[int]) -> GenerationRequest:
         req = self.req
@@ -396,65 +421,19 @@ class TextCompletion:
         prompt = self.prompts[index // self.req.n]
         return prompt if isinstance(prompt, str) else self.engine.codec.decode(prompt)
 
-    async def response(self, admitted: Admitted) -> dict[str, Any]:
-        texts, finishes = await collect_all(admitted)
-        choices = [
-            {"text": self._echo(i) + text, "index": i, "logprobs": None, "finish_reason": finish_reason(fin)}
-            for i, (text, fin) in enumerate(zip(texts, finishes, strict=True))
-        ]
-        completion = sum(f.usage.completion_tokens for f in finishes)
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-            "usage": usage_dict(admitted.prompt_tokens, completion),
-        }
+    def _choice(self, index: int, text: str, finish: Finish) -> dict[str, Any]:
+        text = self._echo(index) + text
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason(finish)}
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-        }
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
-            body["usage"] = usage
-        return dumps(body)
+    def _opening(self, index: int) -> dict[str, Any] | None:
+        echo = self._echo(index)
+        return {"text": echo, "index": index, "logprobs": None, "finish_reason": None} if echo else None
 
-    async def events(self, admitted: Admitted) -> AsyncIterator[str]:
-        completion = 0
-        try:
-            for i in range(len(admitted.streams)):
-                if echo := self._echo(i):
-                    yield self._chunk([{"text": echo, "index": i, "logprobs": None, "finish_reason": None}])
-            async for i, event in merged(admitted.streams):
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        yield self._chunk(
-                            [{"text": event.text, "index": i, "logprobs": None, "finish_reason": None}]
-                        )
-                    continue
-                if event.reason is FinishReason.ERROR:
-                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
-                    yield DONE
-                    return
-                completion += event.usage.completion_tokens
-                yield self._chunk(
-                    [{"text": "", "index": i, "logprobs": None, "finish_reason": finish_reason(event)}]
-                )
-            if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
-            yield DONE
-        except GatewayError as exc:
-            yield stream_error_event(exc)
-            yield DONE
-        finally:
-            admitted.cancel()
+    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": None} if text else None
+
+    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
+        return {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(finish)}
 
 
 # ---------------------------------------------------------------------------- embeddings
