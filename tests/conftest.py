@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from rwkv_gateway.db.migrate import upgrade
+from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
@@ -42,6 +46,26 @@ def v7_backend(v7_path: Path) -> RwkvPackageBackend:
 @pytest.fixture(scope="session")
 def v4_backend(v4_path: Path) -> RwkvPackageBackend:
     return load_model(v4_path, "cpu fp32")
+
+
+@pytest.fixture
+def db_file(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.db"
+
+
+@pytest.fixture
+async def db_engine(db_file: Path) -> AsyncIterator[AsyncEngine]:
+    """A migrated temporary SQLite database."""
+    url = f"sqlite+aiosqlite:///{db_file}"
+    await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(db_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_session_factory(db_engine)
 
 
 @pytest.fixture

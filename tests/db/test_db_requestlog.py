@@ -6,42 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.models import RequestLogEntry
 from rwkv_gateway.db.repo import RequestLogRepo
-from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.domain.types import RequestRecord
 from rwkv_gateway.services.requestlog import RequestLogger
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
-    await asyncio.to_thread(upgrade, url)
-    engine = create_db_engine(url)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_session_factory(engine)
-
-
-@pytest.fixture
-def commits(engine: AsyncEngine) -> list[int]:
+def commits(db_engine: AsyncEngine) -> list[int]:
     """One entry per committed transaction on the engine."""
     seen: list[int] = []
-    event.listen(engine.sync_engine, "commit", lambda conn: seen.append(1))
+    event.listen(db_engine.sync_engine, "commit", lambda conn: seen.append(1))
     return seen
 
 

@@ -4,9 +4,7 @@ with their credential."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,9 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.models import AccessToken, ApiCredential
-from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.errors import InvalidParameter, NotFound
 from rwkv_gateway.services.credentials import CredentialService
 
@@ -35,25 +31,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def db_file(tmp_path: Path) -> Path:
-    return tmp_path / "gateway.db"
-
-
-@pytest.fixture
-async def engine(db_file: Path) -> AsyncIterator[AsyncEngine]:
-    url = f"sqlite+aiosqlite:///{db_file}"
-    await asyncio.to_thread(upgrade, url)
-    engine = create_db_engine(url)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_session_factory(engine)
 
 
 @pytest.fixture
@@ -106,7 +83,10 @@ async def test_wrong_openai_keys_are_refused(service: CredentialService, present
 
 
 async def test_openai_keys_are_stored_hashed(
-    service: CredentialService, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, db_file: Path
+    service: CredentialService,
+    sessions: async_sessionmaker[AsyncSession],
+    db_engine: AsyncEngine,
+    db_file: Path,
 ) -> None:
     openai = await service.create("openai")
     baidu = await service.create("baidu")
@@ -116,7 +96,7 @@ async def test_openai_keys_are_stored_hashed(
     assert stored["openai"].secret is None
     # The SK must stay retrievable for bce-auth-v1 signatures.
     assert (stored["baidu"].api_key, stored["baidu"].secret) == (baidu.api_key, baidu.secret_key)
-    await engine.dispose()  # closes the connections, so SQLite folds its WAL back into the file
+    await db_engine.dispose()  # closes the connections, so SQLite folds its WAL back into the file
     data = b"".join(path.read_bytes() for path in db_file.parent.glob(f"{db_file.name}*"))
     assert openai.api_key.encode() not in data
     assert openai.api_key[12:].encode() not in data

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,36 @@ def _lora_dim(n_embd: int, factor: float) -> int:
     return max(32, int(round(factor * (n_embd**0.5) / 32) * 32))
 
 
+def _random(
+    g: torch.Generator, n_embd: int
+) -> tuple[Callable[..., torch.Tensor], Callable[[], torch.Tensor]]:
+    """Normal tensors of a given std, and token-shift mix vectors in [0, 1), all from `g`."""
+
+    def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def mix() -> torch.Tensor:
+        return torch.rand(1, 1, n_embd, generator=g)
+
+    return rnd, mix
+
+
+def _embedding_and_norms(
+    n_layer: int, n_embd: int, vocab: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """What every RWKV version shares: the embedding, ln0, and each block's ln1 / ln2."""
+    w = {
+        "emb.weight": torch.randn(vocab, n_embd, generator=g) * 1e-2,
+        "blocks.0.ln0.weight": torch.ones(n_embd),
+        "blocks.0.ln0.bias": torch.zeros(n_embd),
+    }
+    for i in range(n_layer):
+        for ln in ("ln1", "ln2"):
+            w[f"blocks.{i}.{ln}.weight"] = torch.ones(n_embd)
+            w[f"blocks.{i}.{ln}.bias"] = torch.zeros(n_embd)
+    return w
+
+
 def _v7_weights(n_layer: int, n_embd: int, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     C = n_embd
     head_size = 64
@@ -46,22 +76,11 @@ def _v7_weights(n_layer: int, n_embd: int, vocab: int, g: torch.Generator) -> di
     F = 4 * C
     d_decay, d_aaa, d_mv, d_gate = _lora_dim(C, 1.8), _lora_dim(C, 1.8), _lora_dim(C, 1.3), _lora_dim(C, 0.6)
 
-    def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    def mix() -> torch.Tensor:
-        return torch.rand(1, 1, C, generator=g)
-
-    w: dict[str, torch.Tensor] = {"emb.weight": rnd(vocab, C, std=1e-2)}
-    w["blocks.0.ln0.weight"] = torch.ones(C)
-    w["blocks.0.ln0.bias"] = torch.zeros(C)
+    rnd, mix = _random(g, C)
+    w = _embedding_and_norms(n_layer, C, vocab, g)
     lin = 1.0 / math.sqrt(C)
     for i in range(n_layer):
         p = f"blocks.{i}."
-        w[p + "ln1.weight"] = torch.ones(C)
-        w[p + "ln1.bias"] = torch.zeros(C)
-        w[p + "ln2.weight"] = torch.ones(C)
-        w[p + "ln2.bias"] = torch.zeros(C)
         a = p + "att."
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             w[a + name] = mix()
@@ -94,30 +113,21 @@ def _v7_weights(n_layer: int, n_embd: int, vocab: int, g: torch.Generator) -> di
 def _v4_weights(n_layer: int, n_embd: int, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     C = n_embd
     F = 4 * C
-
-    def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    w: dict[str, torch.Tensor] = {"emb.weight": rnd(vocab, C, std=1e-2)}
-    w["blocks.0.ln0.weight"] = torch.ones(C)
-    w["blocks.0.ln0.bias"] = torch.zeros(C)
+    rnd, mix = _random(g, C)
+    w = _embedding_and_norms(n_layer, C, vocab, g)
     lin = 1.0 / math.sqrt(C)
     for i in range(n_layer):
         p = f"blocks.{i}."
-        w[p + "ln1.weight"] = torch.ones(C)
-        w[p + "ln1.bias"] = torch.zeros(C)
-        w[p + "ln2.weight"] = torch.ones(C)
-        w[p + "ln2.bias"] = torch.zeros(C)
         a = p + "att."
         for name in ("time_mix_k", "time_mix_v", "time_mix_r"):
-            w[a + name] = torch.rand(1, 1, C, generator=g)
+            w[a + name] = mix()
         w[a + "time_decay"] = rnd(C, std=1.0) - 1.0
         w[a + "time_first"] = rnd(C, std=0.5)
         for name in ("key", "value", "receptance", "output"):
             w[a + name + ".weight"] = rnd(C, C, std=lin)
         f = p + "ffn."
-        w[f + "time_mix_k"] = torch.rand(1, 1, C, generator=g)
-        w[f + "time_mix_r"] = torch.rand(1, 1, C, generator=g)
+        w[f + "time_mix_k"] = mix()
+        w[f + "time_mix_r"] = mix()
         w[f + "key.weight"] = rnd(F, C, std=lin)
         w[f + "receptance.weight"] = rnd(C, C, std=lin)
         w[f + "value.weight"] = rnd(C, F, std=1.0 / math.sqrt(F))
