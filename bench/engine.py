@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import load_tokenizer
-from stats import percentile
+from stats import percentile, save_result
 
 PROMPT = "User: Tell me a long story about a lighthouse keeper and the sea.\n\nAssistant:"
 
@@ -160,11 +159,7 @@ def main() -> None:
     for row in result["prefill"]:
         rate, each = row["prefill_tok_s"], row["prompt_tokens"]
         print(f"prefill C={row['concurrency']:<3} {rate:>10.1f} tok/s ({each} tokens each)")
-    default_out = Path(__file__).parent / "results" / f"engine-{int(time.time())}.json"
-    out = Path(args.out) if args.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {save_result(result, args.out, 'engine')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stats import percentile
+from stats import percentile, save_result
 
 if TYPE_CHECKING:
     import httpx
@@ -287,11 +287,7 @@ def main() -> None:
     else:
         result = asyncio.run(bench(args.url.rstrip("/"), args))
     print_table(result)
-    default_out = Path(__file__).parent / "results" / f"http-{int(time.time())}.json"
-    out = Path(args.out) if args.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {save_result(result, args.out, 'http')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Small statistics shared by the benchmark scripts (they run with bench/ on sys.path)."""
+"""Helpers shared by the benchmark scripts (they run with bench/ on sys.path)."""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -11,3 +16,11 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def save_result(result: dict[str, Any], out: str | None, prefix: str) -> Path:
+    """Write a benchmark's JSON to `out`, or to bench/results/<prefix>-<unix time>.json."""
+    path = Path(out) if out else Path(__file__).parent / "results" / f"{prefix}-{int(time.time())}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
