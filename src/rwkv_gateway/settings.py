@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(default=128, ge=1, le=8192, description="prompt tokens per sequence per step")
     prefill_budget: int = Field(default=512, ge=1, description="prompt tokens across all sequences per step")
     state_cache_mb: int = Field(default=1024, ge=0, description="RAM budget for cached state snapshots")
+    prefix_cache: bool = Field(default=True, description="continue prompts from cached prefix states")
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     max_new_tokens: int = Field(default=4096, ge=1, description="upper bound for any request's max_tokens")

@@ -47,12 +47,33 @@ class ChatTemplate:
             text = _BLANK_LINES.sub("\n", text)
         return text
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The prompt for `messages`; every system message is kept, in order."""
-        parts = [f"{self.label(m.role)}: {self.normalize(m.content)}\n\n" for m in messages]
+    def segments(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> tuple[str, ...]:
+        """The prompt for `messages` in pieces; every system message is kept, in order.
+
+        An assistant turn is two pieces, `"Assistant:"` and `" {reply}\n\n"`, because that is how a
+        reply comes back in the next request: the engine can then cache the state after the reply
+        (see `assistant_followup`) and the next turn prefills only its new messages.
+        """
+        parts: list[str] = []
+        for m in messages:
+            label = self.label(m.role)
+            if label == self.assistant_label:
+                parts += [f"{label}:", self.assistant_followup(m.content)]
+            else:
+                parts.append(f"{label}: {self.normalize(m.content)}\n\n")
         if add_generation_prompt:
             parts.append(f"{self.assistant_label}:")
-        return "".join(parts)
+        return tuple(parts)
+
+    def assistant_followup(self, reply: str) -> str:
+        """The piece that follows `"Assistant:"` when `reply` is sent back as history."""
+        return f" {self.normalize(reply)}\n\n"
+
+    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages` as one string."""
+        return "".join(self.segments(messages, add_generation_prompt=add_generation_prompt))
 
     @property
     def stops(self) -> tuple[str, ...]:

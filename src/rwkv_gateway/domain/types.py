@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -119,6 +119,15 @@ class GenerationRequest:
 
     prompt: str | None = None
     prompt_tokens: list[int] | None = None
+    #: The prompt as message-sized pieces (e.g. one per chat turn), tokenized one by one so that a
+    #: conversation's token sequence only ever grows at the end; each piece's end is a checkpoint of
+    #: the prefix cache. Replaces `prompt` when given.
+    prompt_segments: tuple[str, ...] | None = None
+    #: Reuse and extend the engine's prefix cache (only for requests without `initial_state`).
+    use_prefix_cache: bool = True
+    #: How the reply will come back as the next turn's segment (e.g. `lambda r: f" {r}\n\n"`); the
+    #: engine then prefills that after the reply is sent, so the next turn prefills only its new text.
+    reply_followup: Callable[[str], str] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -139,8 +148,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    #: Tokens of the prompt text (including those served from the prefix cache).
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens not prefilled because a cached state already held them.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -78,6 +78,7 @@ def build_scheduler(
         request_timeout_s=settings.request_timeout_s,
         max_prompt_tokens=settings.max_prompt_tokens,
         max_new_tokens=settings.max_new_tokens,
+        prefix_cache=settings.prefix_cache,
     )
     store = StateStore(
         settings.state_dir,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +69,8 @@ class EngineConfig:
     request_timeout_s: float = 600.0
     max_prompt_tokens: int = 32768
     max_new_tokens: int = 4096
+    #: Reuse cached states of token prefixes (needs a state store).
+    prefix_cache: bool = True
 
 
 class GenerationStream:
@@ -121,10 +125,22 @@ class _Sequence:
     deadline: float
     admitted_at: float
     token_count: int
+    #: The whole prompt, and where its segments end (prefix-cache checkpoints).
+    prompt: list[int] = field(default_factory=list)
+    boundaries: tuple[int, ...] = ()
+    #: Take part in the prefix cache (no explicit initial state, cache enabled).
+    cache_on: bool = False
+    #: Prompt tokens in the state so far, and how many of them came from the cache.
+    pos: int = 0
+    cached: int = 0
+    #: The state right after the prompt, kept while a reply follow-up may still be prefilled.
+    prompt_snapshot: StateSnapshot | None = None
+    #: After the reply was sent: the follow-up tokens being prefilled for the next turn's cache.
+    followup: list[int] | None = None
+    text_parts: list[str] = field(default_factory=list)
     #: Logits to sample from next (from the last forward or the initial snapshot), row kept on device.
     logits: torch.Tensor | None = None
     generated: int = 0
-    prompt_fed: int = 0
     first_token_at: float | None = None
     #: A sampled token not yet fed to the model (the next decode step feeds it).
     last_token: int | None = None
@@ -170,6 +186,9 @@ class Scheduler:
             "generated_tokens": 0,
             "rejected_busy": 0,
             "errors": 0,
+            "cached_tokens": 0,
+            "followup_tokens": 0,
+            "checkpoints": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -208,7 +227,7 @@ class Scheduler:
             while not self._queue.empty():
                 leftovers.append(self._queue.get_nowait())
         for seq in leftovers:
-            if not seq.done:
+            if not seq.done and seq.followup is None:
                 seq.finishing = None
                 self._finish(seq, FinishReason.CANCELLED, error="server shutting down")
             self._deliver(seq)
@@ -291,7 +310,15 @@ class Scheduler:
             )
         if request.timeout_s is not None and not request.timeout_s > 0:
             raise InvalidParameter("timeout must be > 0", param="timeout")
-        if request.prompt_tokens is not None:
+        boundaries: tuple[int, ...] = ()
+        if request.prompt_segments is not None:
+            pieces = await asyncio.to_thread(
+                lambda: [self.tokenizer.encode(p) for p in request.prompt_segments or ()]
+            )
+            tokens = [t for piece in pieces for t in piece]
+            ends = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
+            boundaries = tuple(sorted({e for e in ends if e > 0}))
+        elif request.prompt_tokens is not None:
             tokens = list(request.prompt_tokens)
             vocab = self.backend.info.vocab_size
             if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
@@ -327,6 +354,11 @@ class Scheduler:
             admitted_at=now,
             token_count=snap.token_count if snap is not None else 0,
             logits=snap.logits if snap is not None and not tokens else None,
+            prompt=list(tokens),
+            boundaries=boundaries or ((len(tokens),) if tokens else ()),
+            cache_on=bool(
+                cfg.prefix_cache and self.states is not None and request.use_prefix_cache and snap is None
+            ),
         )
 
     # ------------------------------------------------------------------ the step loop (event loop side)
@@ -406,10 +438,11 @@ class Scheduler:
         for seq in batch:
             if seq.done:
                 continue
-            if seq.stream.cancelled:
+            # A follow-up prefill runs after its reply was delivered: nobody is waiting to cancel it.
+            if seq.followup is None and seq.stream.cancelled:
                 self._finish(seq, FinishReason.CANCELLED)
                 continue
-            if now > seq.deadline:
+            if seq.followup is None and now > seq.deadline:
                 self._finish(seq, FinishReason.TIMEOUT, error="the request timed out")
                 continue
             if seq.state is None:
@@ -419,7 +452,7 @@ class Scheduler:
             if seq.pending:
                 if budget <= 0:
                     continue  # prompt waits for the next step; decoding rows go first
-                take = min(cfg.prefill_chunk, budget, len(seq.pending))
+                take = min(cfg.prefill_chunk, budget, len(seq.pending), self._to_checkpoint(seq))
                 chunk, seq.pending = seq.pending[:take], seq.pending[take:]
                 budget -= take
                 feed.append((seq, chunk))
@@ -443,7 +476,15 @@ class Scheduler:
         snap = seq.request.initial_state
         try:
             if snap is None:
-                return self.backend.zero_state()
+                cached = self._longest_cached_prefix(seq) if seq.cache_on else None
+                if cached is None:
+                    return self.backend.zero_state()
+                n, snap = cached
+                seq.pending, seq.pos, seq.cached, seq.token_count = seq.prompt[n:], n, n, n
+                self.counters["cached_tokens"] += n
+                if not seq.pending:
+                    seq.logits = snap.logits
+                    seq.prompt_snapshot = snap
             assert isinstance(snap, StateSnapshot)
             return self.backend.restore(snap)
         except GatewayError as exc:
@@ -471,9 +512,18 @@ class Scheduler:
             seq.state = state
             seq.logits = row
             seq.token_count += len(tokens)
-            if seq.generated == 0:
-                seq.prompt_fed += len(tokens)
+            if seq.followup is not None:
+                self.counters["followup_tokens"] += len(tokens)
+                if not seq.pending:
+                    self._checkpoint(seq, seq.prompt + seq.followup)
+                    self._retire(seq)
+            elif seq.generated == 0:
+                seq.pos += len(tokens)
                 self.counters["prompt_tokens"] += len(tokens)
+                if seq.cache_on and seq.pos in seq.boundaries:
+                    snap = self._checkpoint(seq, seq.prompt[: seq.pos])
+                    if seq.pos == len(seq.prompt) and seq.request.reply_followup is not None:
+                        seq.prompt_snapshot = snap
 
     def _sample(self, seq: _Sequence, now: float) -> None:
         req = seq.request
@@ -500,6 +550,7 @@ class Scheduler:
         text, matched = seq.stopper.push(seq.decoder.push(token))
         if text:
             seq.events.append(TextDelta(text, (token,)))
+            seq.text_parts.append(text)
         if matched is not None:
             self._finish(seq, FinishReason.STOP, stop_matched=matched)
         elif seq.generated >= req.max_tokens:
@@ -515,6 +566,9 @@ class Scheduler:
         error: str | None = None,
         stop_matched: str | int | None = None,
     ) -> None:
+        if seq.followup is not None:  # the reply was already delivered; only its cache entry is lost
+            self._retire(seq)
+            return
         if reason in (FinishReason.LENGTH, FinishReason.STOP) and not isinstance(stop_matched, str):
             # No stop string matched yet: release what the decoder and the stop matcher still hold
             # (which may itself complete a stop string).
@@ -525,9 +579,12 @@ class Scheduler:
                 reason, stop_matched = FinishReason.STOP, matched
             if tail:
                 seq.events.append(TextDelta(tail, ()))
+                seq.text_parts.append(tail)
         finish = Finish(
             reason=reason,
-            usage=Usage(prompt_tokens=seq.prompt_fed, completion_tokens=seq.generated),
+            usage=Usage(
+                prompt_tokens=len(seq.prompt), completion_tokens=seq.generated, cached_tokens=seq.cached
+            ),
             error=error,
             stop_matched=stop_matched,
         )
@@ -562,6 +619,68 @@ class Scheduler:
                 self.counters["errors"] += 1
                 finish = Finish(FinishReason.ERROR, finish.usage, None, "could not capture the final state")
         seq.events.append(finish)
+        if finish.reason in _STATEFUL_ENDS and self._start_followup(seq):
+            return
+        self._retire(seq)
+
+    def _retire(self, seq: _Sequence) -> None:
         seq.done = True
         seq.state = None
         seq.logits = None
+        seq.prompt_snapshot = None
+
+    # ------------------------------------------------------------------ prefix cache (model thread)
+
+    @staticmethod
+    def _prefix_key(tokens: Sequence[int]) -> str:
+        return "prefix:" + hashlib.sha256(array("i", tokens).tobytes()).hexdigest()
+
+    def _to_checkpoint(self, seq: _Sequence) -> int:
+        """Prompt tokens until the next checkpoint, so prefill chunks end exactly on them."""
+        if not seq.cache_on or seq.followup is not None:
+            return len(seq.pending)
+        for end in seq.boundaries:
+            if end > seq.pos:
+                return end - seq.pos
+        return len(seq.pending)
+
+    def _longest_cached_prefix(self, seq: _Sequence) -> tuple[int, StateSnapshot] | None:
+        assert self.states is not None
+        for end in reversed(seq.boundaries):
+            snap = self.states.get(self._prefix_key(seq.prompt[:end]))
+            if isinstance(snap, StateSnapshot) and snap.logits is not None and snap.token_count == end:
+                return end, snap
+        return None
+
+    def _checkpoint(self, seq: _Sequence, tokens: list[int]) -> StateSnapshot | None:
+        """Cache the current state (with its logits) as the state of `tokens`."""
+        assert self.states is not None and seq.state is not None
+        key = self._prefix_key(tokens)
+        try:
+            existing = self.states.get(key)
+            if isinstance(existing, StateSnapshot):
+                return existing
+            snap = self.backend.capture(seq.state, len(tokens), seq.logits)
+            self.states.put(key, snap)
+            self.counters["checkpoints"] += 1
+            return snap
+        except Exception:  # the cache is an optimisation: never fail a request over it
+            logger.exception("prefix checkpoint failed")
+            return None
+
+    def _start_followup(self, seq: _Sequence) -> bool:
+        """After a reply: prefill it the way the next turn will send it back (see `reply_followup`)."""
+        followup = seq.request.reply_followup
+        if not seq.cache_on or followup is None or seq.prompt_snapshot is None:
+            return False
+        try:
+            tokens = self.tokenizer.encode(followup("".join(seq.text_parts)))
+            if not tokens:
+                return False
+            seq.state = self.backend.restore(seq.prompt_snapshot)
+        except Exception:
+            logger.exception("reply follow-up of request %s failed", seq.request.request_id)
+            return False
+        seq.followup, seq.pending = tokens, list(tokens)
+        seq.last_token, seq.logits, seq.finishing = None, None, None
+        return True

@@ -93,14 +93,15 @@ utility_router = APIRouter(route_class=route_class, tags=["openai"])
 async def vllm_tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
     serving.check_model(body.model, engine.info)
     if body.messages is not None:
+        # Counted the way chat requests are tokenized: turn by turn.
         template = serving.chat_template(settings)
         messages = serving.chat_messages(body.messages)
-        text = template.render(messages, add_generation_prompt=body.add_generation_prompt)
+        pieces = template.segments(messages, add_generation_prompt=body.add_generation_prompt)
+        tokens = [t for piece in pieces for t in engine.codec.encode(piece)]
     elif body.prompt is not None:
-        text = body.prompt
+        tokens = engine.codec.encode(body.prompt)
     else:
         raise InvalidParameter("either prompt or messages is required", param="prompt")
-    tokens = engine.codec.encode(text)
     return {"count": len(tokens), "max_model_len": settings.max_prompt_tokens, "tokens": tokens}
 
 

@@ -112,8 +112,8 @@ def chat_messages(messages: Sequence[ChatMessageIn]) -> list[ChatMessage]:
         raise InvalidParameter(str(exc), param="messages") from None
 
 
-def chat_prompt(req: ChatCompletionRequest, template: ChatTemplate) -> str:
-    return template.render(chat_messages(req.messages))
+def chat_segments(req: ChatCompletionRequest, template: ChatTemplate) -> tuple[str, ...]:
+    return template.segments(chat_messages(req.messages))
 
 
 def finish_reason(finish: Finish) -> str:
@@ -127,6 +127,8 @@ class Admitted:
 
     streams: list[TokenStream]
     prompt_tokens: int
+    #: Prompt tokens a shared prefill (n > 1) took from the prefix cache.
+    cached_tokens: int = 0
 
     def cancel(self) -> None:
         for stream in self.streams:
@@ -155,7 +157,7 @@ async def admit(engine: Engine, base: GenerationRequest, n: int) -> Admitted:
         )
         for i in range(n)
     ]
-    return Admitted(await engine.submit_many(choices), prefill.prompt_token_count)
+    return Admitted(await engine.submit_many(choices), prefill.prompt_token_count, finish.usage.cached_tokens)
 
 
 async def merged(streams: Sequence[TokenStream]) -> AsyncIterator[tuple[int, TextDelta | Finish]]:
@@ -200,11 +202,13 @@ def text_or_token_inputs(raw: str | list[str] | list[int] | list[list[int]]) -> 
     return out
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # Prompt tokens served from the prefix cache (not prefilled again), as OpenAI reports them.
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -281,11 +285,14 @@ class _Completion:
         texts, finishes = await collect_all(admitted)
         choices = [self._choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
         body = self._envelope(self.object_name, choices)
-        body["usage"] = usage_dict(admitted.prompt_tokens, sum(f.usage.completion_tokens for f in finishes))
+        completion = sum(f.usage.completion_tokens for f in finishes)
+        cached = admitted.cached_tokens + sum(f.usage.cached_tokens for f in finishes)
+        body["usage"] = usage_dict(admitted.prompt_tokens, completion, cached)
         return body
 
     async def events(self, admitted: Admitted) -> AsyncIterator[str]:
         completion = 0
+        cached = admitted.cached_tokens
         try:
             for i in range(len(admitted.streams)):
                 if (opening := self._opening(i)) is not None:
@@ -300,9 +307,10 @@ class _Completion:
                     yield DONE
                     return
                 completion += event.usage.completion_tokens
+                cached += event.usage.cached_tokens
                 yield self._chunk([self._closing(i, event)])
             if self._include_usage:
-                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion))
+                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion, cached))
             yield DONE
         except GatewayError as exc:
             yield stream_error_event(exc)
@@ -330,7 +338,9 @@ class ChatCompletion(_Completion):
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens
         return GenerationRequest(
-            prompt=chat_prompt(req, template),
+            # Turn by turn, so a conversation that resends its history continues from cached states.
+            prompt_segments=chat_segments(req, template),
+            reply_followup=template.assistant_followup if req.n == 1 else None,
             sampling=sampling_params(req, self.engine.info.vocab_size),
             max_tokens=max_tokens,
             stop=(*template.stops, *req.stop_list()),
