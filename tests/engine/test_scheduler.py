@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.snapshot import StateSnapshot
+from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.errors import InvalidParameter, NotReady, PromptTooLong, ServerBusy, StateMismatch
 
@@ -276,5 +278,40 @@ async def test_an_idle_queue_takes_a_whole_group(
         vectors = await sched.embed(["a", "b", "c", "a"])
         assert vectors[0] == vectors[3] and vectors[0] != vectors[1]
         assert all(abs(sum(x * x for x in v) - 1.0) < 1e-5 for v, _ in vectors)
+    finally:
+        await sched.aclose()
+
+
+async def test_concurrent_identical_prefixes_are_prefilled_once(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    store = StateStore(tmp_path, budget_bytes=1 << 30, model_id=v7_backend.info.model_id)
+    sched = Scheduler(v7_backend, tokenizer, EngineConfig(prefill_chunk=16, prefill_budget=64), states=store)
+    await sched.start()
+    try:
+        system = "System: " + "a shared and rather long instruction block " * 12 + "\n\n"
+        requests = [
+            GenerationRequest(
+                prompt_segments=(system, f"User: question {i}\n\n", "Assistant:"),
+                sampling=GREEDY,
+                max_tokens=3,
+            )
+            for i in range(4)
+        ]
+        results = await asyncio.gather(*(s.collect() for s in await sched.submit_many(requests)))
+        shared = len(tokenizer.encode(system))
+        cached = sorted(fin.usage.cached_tokens for _, fin in results)
+        assert cached == [0, shared, shared, shared]
+        total_prompt = sum(fin.usage.prompt_tokens for _, fin in results)
+        assert sched.stats()["prompt_tokens"] == total_prompt - 3 * shared
+        # The same answers as without the cache.
+        plain = Scheduler(v7_backend, tokenizer, EngineConfig(prefix_cache=False), states=None)
+        await plain.start()
+        try:
+            for (text, _), req in zip(results, requests, strict=True):
+                alone, _ = await (await plain.submit(req)).collect()
+                assert text == alone
+        finally:
+            await plain.aclose()
     finally:
         await sched.aclose()

@@ -175,6 +175,8 @@ class Scheduler:
         #: Unbounded: `submit_many` enforces the bound itself (groups are admitted whole).
         self._queue: asyncio.Queue[_Sequence] | None = None
         self._active: list[_Sequence] = []
+        #: Taken from the queue but waiting: for a free slot, or for another sequence's checkpoint.
+        self._deferred: list[_Sequence] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -222,7 +224,8 @@ class Scheduler:
             self._task = None
         # A step may still be running on the model thread: let it end before touching its sequences.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        leftovers = list(self._active)
+        leftovers = list(self._active) + self._deferred
+        self._deferred = []
         if self._queue is not None:
             while not self._queue.empty():
                 leftovers.append(self._queue.get_nowait())
@@ -261,7 +264,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "queue_depth": self._queue.qsize() if self._queue else 0,
+            "queue_depth": (self._queue.qsize() if self._queue else 0) + len(self._deferred),
             "active_sequences": len(self._active),
             "max_batch_size": self.config.max_batch_size,
             **self.counters,
@@ -293,7 +296,7 @@ class Scheduler:
 
     def _check_room(self, count: int) -> None:
         assert self._queue is not None
-        waiting = self._queue.qsize()
+        waiting = self._queue.qsize() + len(self._deferred)
         if waiting and waiting + count > self.config.queue_size:
             self.counters["rejected_busy"] += 1
             raise ServerBusy(f"the request queue is full ({waiting} waiting)")
@@ -390,13 +393,33 @@ class Scheduler:
 
     def _admit(self) -> None:
         assert self._queue is not None
+        waiting, self._deferred = self._deferred, []
         while len(self._active) < self.config.max_batch_size and not self._queue.empty():
-            seq = self._queue.get_nowait()
+            waiting.append(self._queue.get_nowait())
+        for seq in waiting:
             if seq.stream.cancelled:
                 self._finish(seq, FinishReason.CANCELLED)
                 self._deliver(seq)
+            elif len(self._active) >= self.config.max_batch_size or self._prefilled_by_another(seq):
+                self._deferred.append(seq)
+            else:
+                self._active.append(seq)
+
+    def _prefilled_by_another(self, seq: _Sequence) -> bool:
+        """Whether an active sequence is prefilling a checkpoint this one could start from.
+
+        Concurrent identical prefixes (several users of one system prompt, n retries of one chat) are
+        then computed once: this sequence waits until the checkpoint exists, then continues from it.
+        """
+        if not seq.cache_on or seq.state is not None:
+            return False
+        for other in self._active:
+            if not other.cache_on or other.followup is not None or other.generated or not other.pending:
                 continue
-            self._active.append(seq)
+            shared = [b for b in seq.boundaries if b > other.pos and b in other.boundaries]
+            if any(seq.prompt[:b] == other.prompt[:b] for b in reversed(shared)):
+                return True
+        return False
 
     def _deliver(self, seq: _Sequence) -> None:
         events, seq.events = seq.events, []
