@@ -149,6 +149,7 @@ async def admit(engine: Engine, base: GenerationRequest, n: int) -> Admitted:
             base,
             prompt=None,
             prompt_tokens=None,
+            prompt_segments=None,
             initial_state=finish.state,
             sampling=replace(
                 base.sampling, seed=None if base.sampling.seed is None else base.sampling.seed + i
