@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from rwkv_gateway.domain.types import Finish, GenerationRequest, SamplingParams, TextDelta
+from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
@@ -95,7 +96,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         path = write_demo_model(
             Path(tmp.name) / f"bench-v7-L{layers}-D{embd}.pth", "v7", n_layer=layers, n_embd=embd
         )
-    backend = load_model(path, args.strategy)
+    if args.backend == "batched":
+        backend: Any = BatchedRwkv7Backend.load(path, args.strategy)
+    else:
+        backend = load_model(path, args.strategy)
     tokenizer = load_tokenizer(None, backend.info.vocab_size)
     levels = [int(c) for c in args.concurrency.split(",")]
     config = EngineConfig(
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint to load (default: generate one of --demo-shape)")
     parser.add_argument("--demo-shape", default="2x128", help="LAYERSxWIDTH of the generated v7 model")
     parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--backend", choices=("package", "batched"), default="batched")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     strategy: str = Field(default="cpu fp32", description='rwkv package strategy, e.g. "cuda fp16"')
     tokenizer: Path | None = Field(default=None, description="tokenizers JSON for Pile-vocabulary models")
     model_name: str | None = Field(default=None, description="model id shown to clients (default: file stem)")
+    backend: Literal["auto", "package", "batched"] = Field(
+        default="auto", description="auto: the batched backend for RWKV-7, the rwkv package otherwise"
+    )
     jit: bool = Field(default=True, description="RWKV_JIT_ON for the rwkv package")
     cuda_kernels: bool = Field(
         default=False, description="RWKV_CUDA_ON: compile the rwkv package's CUDA kernels"

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from rwkv_gateway.domain.engine import ModelInfo
+from rwkv_gateway.engine.snapshot import StateSnapshot
 
 #: A live RNN state in the `rwkv` package's layout (a list of per-layer tensors). Mutable; owned by
 #: exactly one sequence at a time.
@@ -30,4 +31,18 @@ class Backend(Protocol):
     ) -> tuple[torch.Tensor, list[LiveState]]:
         """Feed each sequence its tokens; return logits [B, V] (float32, after each list's last token)
         and the new states. Input states may be consumed (the `rwkv` package mutates them)."""
+        ...
+
+    def capture(
+        self, state: LiveState, token_count: int, logits: torch.Tensor | None = None
+    ) -> StateSnapshot:
+        """A snapshot (copy) of a live state, with the logits after its last token."""
+        ...
+
+    def restore(self, snap: StateSnapshot) -> LiveState:
+        """A fresh live state from a snapshot of this model (StateMismatch otherwise)."""
+        ...
+
+    def embedding(self, state: LiveState) -> list[float]:
+        """The L2-normalised last-layer hidden vector the state keeps for its last token."""
         ...

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rwkv_gateway.domain.types import RequestRecord
-from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
+from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import inspect_checkpoint, load_model
+from rwkv_gateway.engine.protocol import Backend
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
@@ -30,7 +31,7 @@ DEMO_WARNING = (
 
 @dataclass(slots=True)
 class LoadedModel:
-    backend: RwkvPackageBackend
+    backend: Backend
     tokenizer: Tokenizer
 
 
@@ -56,12 +57,19 @@ def load(settings: Settings) -> LoadedModel:
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens "
             f"but the model only {info.vocab_size}"
         )
+    name = settings.model_name or ("rwkv-demo" if is_demo else None)
+    use_batched = settings.backend == "batched" or (settings.backend == "auto" and info.version == "7")
+    if settings.backend == "batched" and info.version != "7":
+        raise ModelLoadError(f"the batched backend serves RWKV-7 only; this model is v{info.version}")
+    if use_batched:
+        backend: Backend = BatchedRwkv7Backend.load(path, settings.strategy, name=name, is_demo=is_demo)
+        return LoadedModel(backend=backend, tokenizer=tokenizer)
     backend = load_model(
         path,
         settings.strategy,
         jit=settings.jit,
         cuda_kernels=settings.cuda_kernels,
-        name=settings.model_name or ("rwkv-demo" if is_demo else None),
+        name=name,
         is_demo=is_demo,
     )
     return LoadedModel(backend=backend, tokenizer=tokenizer)

@@ -37,8 +37,7 @@ from rwkv_gateway.domain.types import (
     TokenEvent,
     Usage,
 )
-from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
-from rwkv_gateway.engine.protocol import LiveState
+from rwkv_gateway.engine.protocol import Backend, LiveState
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
@@ -159,7 +158,7 @@ class Scheduler:
 
     def __init__(
         self,
-        backend: RwkvPackageBackend,
+        backend: Backend,
         tokenizer: Tokenizer,
         config: EngineConfig | None = None,
         *,

@@ -1,0 +1,383 @@
+"""The batched RWKV-7 backend against the `rwkv` package backend on the same checkpoints.
+
+Tolerance (fp32 on CPU): `atol=1e-4, rtol=1e-5` on logits and states. Both sides compute the same
+math in float32 but in a different order: matmuls run as W @ x^T on one side and x @ W on the other,
+and the WKV update uses the rank-1 form `(S @ -kk) (kk*a)^T` instead of `S @ ((-kk) (kk*a)^T)`. Each
+op then differs by a few float32 ulps, which compound over layers and through the recurrence: on the
+2x128 test model the largest observed logit error is ~1e-5 after 30 decode steps (logits within
++-10), and ~6e-5 on the -200 logits of the pinned-down tokens (~2 ulps there); a 12x768 model shows
+~3e-5. `atol=1e-4` keeps a 10x margin and is still far below any real logit difference (greedy
+decoding is checked separately for exact equality).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_gateway.engine import protocol
+from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
+from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
+from rwkv_gateway.engine.demo_model import write_demo_model
+from rwkv_gateway.engine.loader import load_model
+from rwkv_gateway.engine.protocol import LiveState
+from rwkv_gateway.engine.tokenizer import Tokenizer
+from rwkv_gateway.errors import ModelLoadError, StateMismatch
+
+ATOL, RTOL = 1e-4, 1e-5
+VOCAB = 65536
+
+AnyBackend = RwkvPackageBackend | BatchedRwkv7Backend
+
+
+@pytest.fixture(scope="module")
+def batched(v7_path: Path) -> BatchedRwkv7Backend:
+    return BatchedRwkv7Backend.load(v7_path, "cpu fp32")
+
+
+def random_state(backend: AnyBackend, g: torch.Generator) -> LiveState:
+    """A state in the LiveState layout with random values (not reachable by any prompt, on purpose)."""
+    return [torch.randn(t.shape, generator=g).to(t.dtype) for t in backend.zero_state()]
+
+
+def clone(state: LiveState) -> LiveState:
+    return [t.clone() for t in state]
+
+
+def random_tokens(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+
+def assert_states_close(a: LiveState, b: LiveState, atol: float = ATOL, rtol: float = RTOL) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y.cpu(), atol=atol, rtol=rtol)
+
+
+def run_both(
+    ref: RwkvPackageBackend,
+    new: BatchedRwkv7Backend,
+    token_lists: list[list[int]],
+    ref_states: list[LiveState | None],
+    new_states: list[LiveState | None],
+) -> tuple[list[LiveState], list[LiveState]]:
+    """One forward on each backend; asserts the logits agree row by row and returns both new states."""
+    ref_logits, ref_out = ref.forward([list(t) for t in token_lists], ref_states)
+    new_logits, new_out = new.forward([list(t) for t in token_lists], new_states)
+    assert new_logits.shape == (len(token_lists), VOCAB) and new_logits.dtype == torch.float32
+    torch.testing.assert_close(new_logits, ref_logits, atol=ATOL, rtol=RTOL)
+    return ref_out, new_out
+
+
+# ---------------------------------------------------------------------------------------- identity
+
+
+def test_info_and_state_layout_match_the_package(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    as_protocol: protocol.Backend = batched  # mypy checks the structural match
+    assert as_protocol.info == v7_backend.info
+    zero, ref_zero = batched.zero_state(), v7_backend.zero_state()
+    assert [(t.shape, t.dtype) for t in zero] == [(t.shape, t.dtype) for t in ref_zero]
+    assert all(not t.any() for t in zero)
+    assert batched.state_nbytes == v7_backend.state_nbytes
+    assert batched.load_seconds > 0
+
+
+def test_zero_states_are_independent(batched: BatchedRwkv7Backend) -> None:
+    a, b = batched.zero_state(), batched.zero_state()
+    a[1].fill_(1.0)
+    assert not b[1].any() and not batched.zero_state()[1].any()
+
+
+# ---------------------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 17, 64])
+def test_prefill_then_decode_matches_the_package(
+    batch: int, batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    g = torch.Generator().manual_seed(batch)
+    shuffle = random.Random(batch)
+    starts = [random_state(batched, g) if i % 3 else None for i in range(batch)]
+    ref_states: list[LiveState | None] = [None if s is None else clone(s) for s in starts]
+    new_states: list[LiveState | None] = [None if s is None else clone(s) for s in starts]
+    # Prefill: chunks of several lengths (rows of equal length share one batched call) and single tokens.
+    prompts = [random_tokens(g, 1 + (i * 7) % 13) for i in range(batch)]
+    ref_out, new_out = run_both(v7_backend, batched, prompts, ref_states, new_states)
+    ref_by_seq, new_by_seq = list(ref_out), list(new_out)
+
+    order = list(range(batch))
+    for step in range(30):
+        # Keep the order on most steps (the decode fast path reuses the previous batch tensor as is);
+        # reorder and drop a row now and then, as the scheduler does when requests finish or join.
+        if step % 7 == 3:
+            shuffle.shuffle(order)
+        rows = order[:-1] if step % 11 == 5 and batch > 1 else order
+        tokens = [random_tokens(g, 1) for _ in rows]
+        ref_step, new_step = run_both(
+            v7_backend,
+            batched,
+            tokens,
+            [ref_by_seq[r] for r in rows],
+            [new_by_seq[r] for r in rows],
+        )
+        for r, ref_state, new_state in zip(rows, ref_step, new_step, strict=True):
+            ref_by_seq[r], new_by_seq[r] = ref_state, new_state
+    for ref_state, new_state in zip(ref_by_seq, new_by_seq, strict=True):
+        assert_states_close(new_state, ref_state)
+
+
+def test_mixed_prefill_chunks_and_single_tokens_in_one_call(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    lengths = [1, 16, 1, 5, 16, 3, 1, 5, 2, 16]
+    starts = [random_state(batched, g) for _ in lengths]
+    tokens = [random_tokens(g, n) for n in lengths]
+    ref_out, new_out = run_both(
+        v7_backend, batched, tokens, [clone(s) for s in starts], [clone(s) for s in starts]
+    )
+    for ref_state, new_state in zip(ref_out, new_out, strict=True):
+        assert_states_close(new_state, ref_state)
+    # And again, every row one token further, from the states just returned (mixed views and copies).
+    more = [random_tokens(g, n) for n in reversed(lengths)]
+    run_both(v7_backend, batched, more, list(ref_out), list(new_out))
+
+
+def test_forward_leaves_input_states_untouched(batched: BatchedRwkv7Backend) -> None:
+    g = torch.Generator().manual_seed(5)
+    states = [random_state(batched, g) for _ in range(4)]
+    before = [clone(s) for s in states]
+    _, mixed = batched.forward([[1], [2], [3, 4, 5], [6]], list(states))
+    # A pure decode batch returns views into one batched tensor per layer; feeding them back in the
+    # same order reads that tensor directly (no stacking copy), which must not write to it either.
+    _, decoded = batched.forward([[7], [8], [9], [10]], list(mixed))
+    mixed_before, decoded_before = [clone(s) for s in mixed], [clone(s) for s in decoded]
+    batched.forward([[11], [12], [13], [14]], list(decoded))
+    batched.forward([[11], [12], [13]], list(decoded[1:]))
+    for a, b in zip(states + mixed + decoded, before + mixed_before + decoded_before, strict=True):
+        assert_states_close(a, b, atol=0, rtol=0)
+
+
+def test_long_prompt_matches_the_package(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    prompt = random_tokens(g, 300)
+    ref_out, new_out = run_both(v7_backend, batched, [prompt], [None], [None])
+    assert_states_close(new_out[0], ref_out[0])
+
+
+def test_greedy_text_is_identical(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
+) -> None:
+    prompt = tokenizer.encode("User: Tell me a story about a lighthouse keeper.\n\nAssistant:")
+
+    def greedy(backend: AnyBackend) -> list[int]:
+        logits, states = backend.forward([list(prompt)], [None])
+        out: list[int] = []
+        for _ in range(40):
+            token = int(logits[0].argmax())
+            out.append(token)
+            logits, states = backend.forward([[token]], [states[0]])
+        return out
+
+    expected = greedy(v7_backend)
+    assert greedy(batched) == expected
+    assert tokenizer.decode(greedy(batched)) == tokenizer.decode(expected)
+
+
+# ---------------------------------------------------------------------------------------- snapshots
+
+
+def test_snapshots_interoperate_both_ways(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    g = torch.Generator().manual_seed(21)
+    prompt, cont = random_tokens(g, 12), random_tokens(g, 6)
+    whole, _ = v7_backend.forward([prompt + cont], [None])
+
+    # package -> batched
+    logits, states = v7_backend.forward([list(prompt)], [None])
+    snap = v7_backend.capture(states[0], len(prompt), logits[0])
+    resumed, _ = batched.forward([list(cont)], [batched.restore(snap)])
+    torch.testing.assert_close(resumed, whole, atol=ATOL, rtol=RTOL)
+
+    # batched -> package (a decode batch, so the captured state is a view into a batched tensor)
+    _, new_states = batched.forward([list(prompt), list(prompt[:5])], [None, None])
+    snap2 = batched.capture(new_states[0], len(prompt))
+    assert snap2.model_id == snap.model_id and snap2.layout == snap.layout
+    torch.testing.assert_close(snap2.flat, snap.flat, atol=ATOL, rtol=RTOL)
+    resumed2, _ = v7_backend.forward([list(cont)], [v7_backend.restore(snap2)])
+    torch.testing.assert_close(resumed2, whole, atol=ATOL, rtol=RTOL)
+
+
+def test_decode_from_restored_snapshots_of_the_other_backend(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend
+) -> None:
+    g = torch.Generator().manual_seed(8)
+    prompts = [random_tokens(g, n) for n in (4, 9, 9, 1, 6)]
+    _, ref_states = v7_backend.forward([list(p) for p in prompts], [None] * len(prompts))
+    ref_snaps = [v7_backend.capture(s, len(p)) for s, p in zip(ref_states, prompts, strict=True)]
+    _, new_states = batched.forward([list(p) for p in prompts], [None] * len(prompts))
+    new_snaps = [batched.capture(s, len(p)) for s, p in zip(new_states, prompts, strict=True)]
+    # Each side continues from the other side's snapshots.
+    ref_live: list[LiveState | None] = [v7_backend.restore(s) for s in new_snaps]
+    new_live: list[LiveState | None] = [batched.restore(s) for s in ref_snaps]
+    for _ in range(10):
+        tokens = [random_tokens(g, 1) for _ in prompts]
+        ref_out, new_out = run_both(v7_backend, batched, tokens, ref_live, new_live)
+        ref_live, new_live = list(ref_out), list(new_out)
+
+
+def test_restore_refuses_other_models(batched: BatchedRwkv7Backend, v4_backend: RwkvPackageBackend) -> None:
+    _, states = v4_backend.forward([[1, 2]], [None])
+    with pytest.raises(StateMismatch, match="made by model"):
+        batched.restore(v4_backend.capture(states[0], 2))
+
+
+def test_embedding_matches_the_package(batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend) -> None:
+    prompt = [10, 20, 30, 40, 50]
+    _, ref_states = v7_backend.forward([list(prompt)], [None])
+    _, new_states = batched.forward([list(prompt)], [None])
+    ref_vec = torch.tensor(v7_backend.embedding(ref_states[0]))
+    new_vec = torch.tensor(batched.embedding(new_states[0]))
+    torch.testing.assert_close(new_vec, ref_vec, atol=1e-5, rtol=1e-5)
+    assert abs(float(new_vec.norm()) - 1.0) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- other models
+
+
+def test_a_wider_deeper_model_matches_too(tmp_path: Path) -> None:
+    path = write_demo_model(tmp_path / "v7-4x256.pth", "v7", n_layer=4, n_embd=256, seed=7)
+    ref = load_model(path, "cpu fp32")
+    new = BatchedRwkv7Backend.load(path, "cpu fp32", name="wide", is_demo=True)
+    assert new.info.model_id == ref.info.model_id and (new.info.n_layer, new.info.n_embd) == (4, 256)
+    assert new.info.name == "wide" and new.info.is_demo
+    g = torch.Generator().manual_seed(7)
+    starts = [random_state(new, g) for _ in range(5)]
+    prompts = [random_tokens(g, n) for n in (8, 1, 8, 20, 3)]
+    ref_out, new_out = run_both(ref, new, prompts, [clone(s) for s in starts], [clone(s) for s in starts])
+    ref_live: list[LiveState | None] = list(ref_out)
+    new_live: list[LiveState | None] = list(new_out)
+    for _ in range(15):
+        tokens = [random_tokens(g, 1) for _ in prompts]
+        ref_out, new_out = run_both(ref, new, tokens, ref_live, new_live)
+        ref_live, new_live = list(ref_out), list(new_out)
+    for ref_state, new_state in zip(ref_out, new_out, strict=True):
+        assert_states_close(new_state, ref_state)
+
+
+def _cpu_bf16_works() -> bool:
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        return bool(torch.nn.functional.linear(a, a).sum().item() == 64.0)
+    except RuntimeError:
+        return False
+
+
+def _safe_logit_error(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, error norm / reference norm) over the logits that were not pinned down."""
+    keep = ref > -100.0
+    diff = (logits.cpu() - ref)[keep]
+    return float(diff.abs().max()), float(diff.norm() / ref[keep].norm())
+
+
+@pytest.mark.skipif(not _cpu_bf16_works(), reason="this torch build has no CPU bf16 matmul")
+def test_cpu_bf16_runs_and_is_close(v7_path: Path, v7_backend: RwkvPackageBackend) -> None:
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%) in every weight and activation; on this
+    # model the logits land ~0.8% off in norm and at most ~0.08 off (range +-10): a 4x margin here.
+    new = BatchedRwkv7Backend.load(v7_path, "cpu bf16")
+    assert new.info.dtype == "bf16" and new.info.model_id == v7_backend.info.model_id
+    zero = new.zero_state()
+    assert [t.dtype for t in zero[:3]] == [torch.bfloat16, torch.float32, torch.bfloat16]
+    g = torch.Generator().manual_seed(9)
+    prompts = [random_tokens(g, n) for n in (6, 1, 6, 12)]
+    ref_logits, ref_states = v7_backend.forward([list(p) for p in prompts], [None] * 4)
+    logits, states = new.forward([list(p) for p in prompts], [None] * 4)
+    for _ in range(8):
+        max_err, rel_err = _safe_logit_error(logits, ref_logits)
+        assert torch.isfinite(logits).all()
+        assert max_err < 0.3 and rel_err < 0.03
+        tokens = [[int(t)] for t in ref_logits.argmax(dim=-1)]
+        ref_logits, ref_states = v7_backend.forward(tokens, list(ref_states))
+        logits, states = new.forward(tokens, list(states))
+    # A bf16 state's snapshot restores into the fp32 package backend (same model id and shapes).
+    restored = v7_backend.restore(new.capture(states[0], 1))
+    assert [t.dtype for t in restored[:3]] == [torch.float32] * 3
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_rejects_non_v7_checkpoints_and_bad_strategies(v4_path: Path, v7_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="RWKV-7"):
+        BatchedRwkv7Backend.load(v4_path, "cpu fp32")
+    with pytest.raises(ModelLoadError, match="invalid strategy"):
+        BatchedRwkv7Backend.load(v7_path, "cpu fp16i8")
+    with pytest.raises(ModelLoadError, match="not found"):
+        BatchedRwkv7Backend.load(v7_path.with_name("missing.pth"), "cpu fp32")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="needs CUDA"):
+            BatchedRwkv7Backend.load(v7_path, "cuda fp16")
+
+
+def test_forward_rejects_malformed_batches(batched: BatchedRwkv7Backend) -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        batched.forward([[1], [2]], [None])
+    with pytest.raises(ValueError, match="at least one token"):
+        batched.forward([[1], []], [None, None])
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("dtype", "check"),
+    [
+        # fp32 on the GPU: same math, different kernels and reduction orders (TF32 is switched off
+        # here; the rwkv package switches it on process-wide when imported).
+        ("fp32", lambda max_err, rel_err: max_err < 1e-3 and rel_err < 1e-4),
+        # fp16: 11 significant bits for activations and weights (the WKV state stays fp32).
+        ("fp16", lambda max_err, rel_err: max_err < 0.1 and rel_err < 0.01),
+    ],
+)
+def test_cuda_matches_the_cpu_package(
+    dtype: str,
+    check: Callable[[float, float], bool],
+    v7_path: Path,
+    v7_backend: RwkvPackageBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    new = BatchedRwkv7Backend.load(v7_path, f"cuda {dtype}")
+    assert new.info.device == "cuda" and new.info.model_id == v7_backend.info.model_id
+    g = torch.Generator().manual_seed(13)
+    prompts = [random_tokens(g, n) for n in (7, 1, 7, 16, 2)]
+    ref_logits, ref_states = v7_backend.forward([list(p) for p in prompts], [None] * len(prompts))
+    logits, states = new.forward([list(p) for p in prompts], [None] * len(prompts))
+    assert logits.device.type == "cuda" and logits.dtype == torch.float32
+    # Rows 0 and 2 go on from CPU snapshots of the package's states, restored onto the GPU.
+    live: list[LiveState | None] = list(states)
+    for i in (0, 2):
+        restored = new.restore(v7_backend.capture(ref_states[i], len(prompts[i])))
+        assert restored[1].device.type == "cuda"
+        live[i] = restored
+    for _ in range(20):
+        max_err, rel_err = _safe_logit_error(logits, ref_logits)
+        assert check(max_err, rel_err), (max_err, rel_err)
+        tokens = [[int(t)] for t in ref_logits.argmax(dim=-1)]
+        ref_logits, ref_states = v7_backend.forward(tokens, list(ref_states))
+        logits, states = new.forward(tokens, live)
+        live = list(states)
+    # A GPU state's snapshot restores into the CPU package backend.
+    v7_backend.restore(new.capture(states[1], 1))
