@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_gateway.domain.engine import ModelInfo
+from rwkv_gateway.engine.live_state import TemplateStates
 from rwkv_gateway.engine.loader import _check_strategy, inspect_checkpoint
 from rwkv_gateway.engine.protocol import LiveState
-from rwkv_gateway.engine.snapshot import StateLayout, StateSnapshot
-from rwkv_gateway.errors import ModelLoadError, StateMismatch
+from rwkv_gateway.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-class BatchedRwkv7Backend:
+class BatchedRwkv7Backend(TemplateStates):
     """Advances many RWKV-7 sequences per forward call (runs on the model thread only).
 
     The states `forward` returns are views into that call's batched tensors (one per layer and kind),
@@ -156,8 +156,7 @@ class BatchedRwkv7Backend:
         self._head = head
         self.device = emb.device
         self.dtype = emb.dtype
-        self._template = self._make_zero_state()
-        self._layout = StateLayout.of(self._template)
+        self._set_template(self._make_zero_state())
 
     # ------------------------------------------------------------------ loading
 
@@ -186,18 +185,8 @@ class BatchedRwkv7Backend:
             ckpt.size_bytes / 2**20,
             strategy,
         )
-        info = ModelInfo(
-            name=name or path.stem,
-            path=str(path),
-            model_id=ckpt.model_id,
-            version=ckpt.version,
-            n_layer=ckpt.n_layer,
-            n_embd=ckpt.n_embd,
-            vocab_size=ckpt.vocab_size,
-            strategy=strategy,
-            dtype=dtype_name,
-            device=device_name,
-            is_demo=is_demo,
+        info = ckpt.model_info(
+            name=name, strategy=strategy, device=device_name, dtype=dtype_name, is_demo=is_demo
         )
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -307,47 +296,6 @@ class BatchedRwkv7Backend:
                 torch.zeros(C, dtype=self.dtype, device=self.device),
             ]
         return state
-
-    def zero_state(self) -> LiveState:
-        return [t.clone() for t in self._template]
-
-    @property
-    def state_nbytes(self) -> int:
-        return self._layout.numel * 4
-
-    def embedding(self, state: LiveState) -> list[float]:
-        """The L2-normalised ln2 output of the last layer for the last token (its ffn token-shift row).
-
-        Same definition as the package backend, so both give the same vector for the same state.
-        """
-        row = state[(self.info.n_layer - 1) * 3 + 2].detach().to("cpu", torch.float32)
-        return F.normalize(row.reshape(-1), dim=0).tolist()
-
-    def capture(
-        self, state: LiveState, token_count: int, logits: torch.Tensor | None = None
-    ) -> StateSnapshot:
-        return StateSnapshot.capture(
-            state,
-            model_id=self.info.model_id,
-            version=self.info.version,
-            token_count=token_count,
-            logits=logits,
-        )
-
-    def restore(self, snap: StateSnapshot) -> LiveState:
-        snap.check_model(self.info.model_id)
-        if snap.layout.shapes != self._layout.shapes:
-            raise StateMismatch("state snapshot shapes do not match the loaded model")
-        flat = snap.flat
-        out: LiveState = []
-        offset = 0
-        for tmpl in self._template:
-            n = tmpl.numel()
-            out.append(
-                flat[offset : offset + n].view(tmpl.shape).to(device=tmpl.device, dtype=tmpl.dtype, copy=True)
-            )
-            offset += n
-        return out
 
     # ------------------------------------------------------------------ forward
 

@@ -13,20 +13,18 @@ from typing import Any
 import torch
 
 from rwkv_gateway.domain.engine import ModelInfo
+from rwkv_gateway.engine.live_state import TemplateStates
 from rwkv_gateway.engine.protocol import LiveState
-from rwkv_gateway.engine.snapshot import StateLayout, StateSnapshot
-from rwkv_gateway.errors import StateMismatch
 
 
-class RwkvPackageBackend:
+class RwkvPackageBackend(TemplateStates):
     """Advances sequences with the `rwkv` package's own forward (runs on the model thread only)."""
 
     def __init__(self, model: Any, info: ModelInfo, *, load_seconds: float = 0.0) -> None:
         self.model = model
         self.info = info
         self.load_seconds = load_seconds
-        self._template = self._make_zero_state()
-        self._layout = StateLayout.of(self._template)
+        self._set_template(self._make_zero_state())
 
     def _make_zero_state(self) -> LiveState:
         if self.info.version == "7":
@@ -64,23 +62,6 @@ class RwkvPackageBackend:
                 ]
         return state
 
-    def embedding(self, state: LiveState) -> list[float]:
-        """The L2-normalised LayerNorm output that fed the last layer's channel mix for the last token.
-
-        It is the deepest per-token hidden vector an RNN state keeps (every RWKV version stores it as
-        the channel mix's token-shift row), so embeddings come from the same forward as generation.
-        """
-        per_layer = 5 if self.info.version == "4" else 3
-        row = state[(self.info.n_layer - 1) * per_layer + per_layer - 1].detach().to("cpu", torch.float32)
-        return torch.nn.functional.normalize(row.reshape(-1), dim=0).tolist()
-
-    @property
-    def state_nbytes(self) -> int:
-        return self._layout.numel * 4
-
-    def zero_state(self) -> LiveState:
-        return [t.clone() for t in self._template]
-
     def forward(
         self, token_lists: list[list[int]], states: list[LiveState | None]
     ) -> tuple[torch.Tensor, list[LiveState]]:
@@ -97,29 +78,3 @@ class RwkvPackageBackend:
                 rows.append(logits.float().reshape(-1))
                 out_states.append(list(new_state))
         return torch.stack(rows), out_states
-
-    def capture(
-        self, state: LiveState, token_count: int, logits: torch.Tensor | None = None
-    ) -> StateSnapshot:
-        return StateSnapshot.capture(
-            state,
-            model_id=self.info.model_id,
-            version=self.info.version,
-            token_count=token_count,
-            logits=logits,
-        )
-
-    def restore(self, snap: StateSnapshot) -> LiveState:
-        snap.check_model(self.info.model_id)
-        if snap.layout.shapes != self._layout.shapes:
-            raise StateMismatch("state snapshot shapes do not match the loaded model")
-        flat = snap.flat
-        out: LiveState = []
-        offset = 0
-        for tmpl in self._template:
-            n = tmpl.numel()
-            out.append(
-                flat[offset : offset + n].view(tmpl.shape).to(device=tmpl.device, dtype=tmpl.dtype, copy=True)
-            )
-            offset += n
-        return out

@@ -47,6 +47,24 @@ class CheckpointInfo:
     model_id: str
     size_bytes: int
 
+    def model_info(
+        self, *, name: str | None, strategy: str, device: str, dtype: str, is_demo: bool
+    ) -> ModelInfo:
+        """The served model's identity (the same for every backend, so their snapshots interoperate)."""
+        return ModelInfo(
+            name=name or self.path.stem,
+            path=str(self.path),
+            model_id=self.model_id,
+            version=self.version,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            vocab_size=self.vocab_size,
+            strategy=strategy,
+            dtype=dtype,
+            device=device,
+            is_demo=is_demo,
+        )
+
 
 def detect_version(shapes: dict[str, tuple[int, ...]]) -> str:
     """The RWKV architecture version from a checkpoint's keys (the `rwkv` package's own rules, plus v7)."""
@@ -238,19 +256,7 @@ def load_model(
     finally:
         done.set()
     elapsed = time.perf_counter() - t0
-    model_info = ModelInfo(
-        name=name or path.stem,
-        path=str(path),
-        model_id=info.model_id,
-        version=info.version,
-        n_layer=info.n_layer,
-        n_embd=info.n_embd,
-        vocab_size=info.vocab_size,
-        strategy=strategy,
-        dtype=dtype,
-        device=device,
-        is_demo=is_demo,
-    )
+    model_info = info.model_info(name=name, strategy=strategy, device=device, dtype=dtype, is_demo=is_demo)
     logger.info("model %s loaded in %.2f s (id %s)", model_info.name, elapsed, model_info.model_id)
     return RwkvPackageBackend(model, model_info, load_seconds=elapsed)
 
