@@ -22,8 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rwkv_gateway import __version__
 from rwkv_gateway.api import health, tokenize
 from rwkv_gateway.api.common.errors import BodySizeLimit, ErrorRenderer
+from rwkv_gateway.api.glm import router as glm_router
 from rwkv_gateway.api.openai import router as openai_router
 from rwkv_gateway.api.openai.errors import OpenAIErrors
+from rwkv_gateway.api.roleplay import router as roleplay_router
+from rwkv_gateway.api.tasks import router as tasks_router
+from rwkv_gateway.api.wenxin import router as wenxin_router
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.engine import runtime
@@ -105,11 +109,18 @@ def _error_body(code: str, message: str) -> dict[str, Any]:
 
 
 def _renderer_for(request: Request) -> ErrorRenderer | None:
-    """The dialect that owns this path renders errors raised outside its routes (404, 405, 500)."""
+    """The dialect that owns this path renders errors raised outside its routes (404, 405, 500).
+
+    Entries ending in "/" are prefixes (which also own the bare path without the slash); others match
+    exactly. The first match wins, so more specific entries come first.
+    """
     renderers: list[tuple[str, ErrorRenderer]] = request.app.state.error_renderers
     path = request.url.path
-    for prefix, renderer in renderers:
-        if path == prefix.rstrip("/") or path.startswith(prefix):
+    for scope, renderer in renderers:
+        if scope.endswith("/"):
+            if path == scope.rstrip("/") or path.startswith(scope):
+                return renderer
+        elif path == scope:
             return renderer
     return None
 
@@ -153,9 +164,13 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     app.state.injected_engine = engine
     app.state.engine = None
     app.include_router(health.router)
+    app.include_router(tasks_router.router)  # /v1/tasks/* before the OpenAI /v1/* routes
     app.include_router(openai_router.router)
     app.include_router(openai_router.utility_router)
     app.include_router(tokenize.router)
+    app.include_router(glm_router.router)
+    app.include_router(wenxin_router.router)
+    app.include_router(roleplay_router.router)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -165,7 +180,13 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
             allow_headers=["*"],
             expose_headers=["x-request-id", "retry-after"],
         )
-    app.state.error_renderers = [("/v1/", OpenAIErrors())]
+    app.state.error_renderers = [
+        *tasks_router.error_scopes(),
+        *wenxin_router.error_scopes(),
+        *glm_router.error_scopes(),
+        *roleplay_router.error_scopes(),
+        ("/v1/", OpenAIErrors()),
+    ]
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

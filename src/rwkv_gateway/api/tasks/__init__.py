@@ -1,0 +1,1 @@
+"""RWKV-Server Task API (/v1/tasks/*) for the rwkv-api SDK."""
