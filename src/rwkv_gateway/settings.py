@@ -62,6 +62,28 @@ class Settings(BaseSettings):
         default=1024, ge=1, description="max_tokens when a chat request sets none"
     )
 
+    # Baidu wenxinworkshop dialect (/oauth/2.0/token, /rpc/2.0/ai_custom/v1/wenxinworkshop/chat/{api_name})
+    wenxin_api_names: list[str] = Field(
+        default_factory=lambda: ["rwkv"],
+        min_length=1,
+        description='chat api_name values served by the loaded model (JSON list, e.g. ["rwkv", "ernie"])',
+    )
+    wenxin_token_ttl_s: int = Field(
+        default=2_592_000, ge=1, description="lifetime of /oauth/2.0/token access tokens (Baidu: 30 days)"
+    )
+    wenxin_signature_skew_s: int = Field(
+        default=300, ge=0, description="how far in the future a bce-auth-v1 timestamp may lie"
+    )
+    wenxin_max_content_chars: int = Field(
+        default=4800, ge=1, description="total characters of a chat request's messages (and system)"
+    )
+
+    # ChatGLM-style API (/chat, /chat-stream, /embedding and the GLM shape of /tokenize)
+    glm_model_name: str | None = Field(
+        default=None, description="`model` in ChatGLM-style responses (default: the served model id)"
+    )
+    glm_ping_s: float = Field(default=15.0, gt=0, description="keep-alive comment interval on /chat-stream")
+
     # Engine
     queue_size: int = Field(default=256, ge=1, description="requests waiting for a batch slot")
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="sequences advanced together")
@@ -72,6 +94,22 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     max_new_tokens: int = Field(default=4096, ge=1, description="upper bound for any request's max_tokens")
+
+    # Role-play API (/login, /characters/*, /chat/*, /debug/token)
+    roleplay_cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description='CORS origins for the role-play routes (["*"] echoes any origin; the UI runs on :9000)',
+    )
+    roleplay_guest_ttl_s: float = Field(
+        default=86400.0, gt=0, description="guests idle this long are deleted with all their data"
+    )
+    roleplay_guest_sweep_s: float = Field(default=600.0, gt=0, description="how often idle guests are swept")
+    roleplay_default_characters: Path | None = Field(
+        default=None, description="folder of character JSON files given to new users (default: the bundled one)"
+    )
+    roleplay_max_avatar_bytes: int = Field(default=2**20, ge=0, description="largest avatar data URL accepted")
+    roleplay_max_reply_tokens: int = Field(default=512, ge=1, le=4096, description="tokens per role-play reply")
+    ui_dir: Path | None = Field(default=None, description="a built role-play UI (dist/) served at / for GET")
 
     @field_validator("strategy")
     @classmethod

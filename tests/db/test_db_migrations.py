@@ -84,7 +84,7 @@ def test_upgrade_head_creates_every_table(url: str, db_file: Path, sync_engine: 
     upgrade(url)
     assert db_file.exists()
     assert table_names(sync_engine) == MODEL_TABLES | {"alembic_version"}
-    assert current_revision(url) == head_revision() == "0001"
+    assert current_revision(url) == head_revision() == "0002"
 
 
 def test_migrated_schema_matches_models(url: str, sync_engine: sa.Engine) -> None:
@@ -137,11 +137,12 @@ def test_failed_migration_leaves_the_database_untouched(
     """On SQLite all pending revisions run in one transaction: a failure rolls back the earlier ones too."""
     scripts = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_broken.py").write_text(
+    # Chained on the real head, so every real revision runs before the broken one.
+    (scripts / "versions" / "9999_broken.py").write_text(
         "import sqlalchemy as sa\n"
         "from alembic import op\n"
-        "revision = '0002'\n"
-        "down_revision = '0001'\n"
+        "revision = 'broken'\n"
+        f"down_revision = {head_revision()!r}\n"
         "branch_labels = None\n"
         "depends_on = None\n"
         "def upgrade():\n"

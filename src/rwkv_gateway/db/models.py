@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -73,6 +74,8 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Last successful authenticated request.
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The default role-play characters were given to this user (once; migration 0002).
+    defaults_given: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AuthToken(Base):
@@ -112,6 +115,9 @@ class Character(Base):
     avatar: Mapped[str | None] = mapped_column(Text)
     #: The cached persona state (prompt block + greeting prefilled) in the engine's state store.
     persona_state_key: Mapped[str | None] = mapped_column(String(STATE_KEY_LEN))
+    #: Fields of an imported character card this table has no column for, as a JSON object, so that
+    #: exporting the card again keeps them (migration 0002).
+    card_extra: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -161,6 +167,10 @@ class ConversationNode(Base):
     state_key: Mapped[str | None] = mapped_column(String(STATE_KEY_LEN))
     #: Tokens the state after this node has consumed since the empty state (`/debug/token`).
     token_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: The exact text this node fed to the model (e.g. `"{user}: {prompt}\n\n{bot}:"` for a user turn,
+    #: the untrimmed reply and its `"\n\n"` for a bot node), so the whole context can be shown or
+    #: prefilled again; `text` is what the client sees (migration 0002).
+    context_text: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
