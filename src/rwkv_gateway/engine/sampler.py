@@ -9,6 +9,7 @@ generator). It runs on the model thread; logits may live on CPU or CUDA, the dra
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import struct
@@ -186,6 +187,12 @@ class Sampler:
         # max() propagates NaN and costs a tenth of isnan().any() on a 65536-wide CPU vector.
         if math.isnan(float(x.max())):
             raise GenerationFailed("model produced NaN logits")
+        self._adjust_(x)
+        return x
+
+    def _adjust_(self, x: torch.Tensor) -> None:
+        """Steps 3-5 in place on a float32 row: logit bias, bans, presence/frequency and repetition
+        penalties. Device ops only (no host synchronisation), so a batch can apply them row by row."""
         bias_ids, bias_vals, ban_ids = self._static_on(x.device)
         if bias_ids.numel():
             x.index_add_(0, bias_ids, bias_vals)
@@ -199,7 +206,6 @@ class Sampler:
             ids = self._seen.ids.to(x.device)
             v = x[ids]
             x[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        return x
 
     def _argmax(self, x: torch.Tensor) -> int:
         # torch.argmax returns the first maximal index, i.e. ties go to the lowest token id.
@@ -443,3 +449,137 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> tuple[int, float
         i, _ = _inverse_cdf(blocks[b], u - before)
         j = b * _DRAW_BLOCK + i
     return j, float(weights[j]) / total
+
+
+# ---------------------------------------------------------------------------------------------------
+# A step's rows together
+
+
+def sample_batch(
+    samplers: Sequence[Sampler], rows: Sequence[torch.Tensor], *, vectorised: bool | None = None
+) -> list[int | Exception]:
+    """Sample the next token of every row of one scheduler step; a failing row returns its exception
+    instead of failing the others.
+
+    On the CPU each row goes through its own `Sampler.sample`: the exact, sort-free filters there cost
+    less than any batched formulation, and a row's tokens never depend on its batch-mates. On an
+    accelerator (or with `vectorised=True`) the rows are sampled together by `_sample_vectorised`:
+    the whole distribution work stays on the device and a single device-to-host copy brings back
+    every row's token.
+    """
+    if not samplers:
+        return []
+    if vectorised is None:
+        vectorised = rows[0].device.type != "cpu"
+    if vectorised:
+        try:
+            return _sample_vectorised(samplers, rows)
+        except Exception as exc:  # a shape or device problem: fall back to finding the row it is in
+            logging.getLogger(__name__).warning("vectorised sampling failed (%s); sampling row by row", exc)
+    out: list[int | Exception] = []
+    for sampler, row in zip(samplers, rows, strict=True):
+        try:
+            out.append(sampler.sample(row))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _sample_vectorised(samplers: Sequence[Sampler], rows: Sequence[torch.Tensor]) -> list[int | Exception]:
+    """Every row's draw in one set of batched device ops and one device-to-host transfer.
+
+    The same distribution as `Sampler.sample` for every knob (greedy, Mirostat v2, top-k then top-p on
+    the renormalised rest, min-p, ties at a cut going to lower ids), computed over a stable descending
+    sort of each row. The uniform for each draw comes from the row's own seeded CPU generator, so a
+    seed still fixes the sequence of draws; the token a given uniform maps to can differ from the CPU
+    path, which inverts the CDF in token-id order.
+    """
+    vocab = samplers[0]._vocab_size
+    x = torch.stack([row.detach() for row in rows]).to(torch.float32)
+    if x.dim() != 2 or x.shape[1] != vocab:
+        raise ValueError(f"expected logits rows of size {vocab}, got {list(x.shape)}")
+    device = x.device
+    for i, sampler in enumerate(samplers):
+        sampler._adjust_(x[i])
+    greedy = [s._greedy for s in samplers]
+    # Host-side per-row knobs, moved to the device in one copy.
+    knobs = torch.tensor(
+        [
+            [
+                1.0 if s._greedy else s._params.temperature,
+                float(s._top_k or vocab),
+                s._top_p,
+                s._min_p,
+                _mirostat_threshold(s._mu),
+                0.0 if s._greedy else float(torch.rand((), generator=s._generator, dtype=torch.float64)),
+            ]
+            for s in samplers
+        ],
+        dtype=torch.float64,
+    ).to(device)
+    temp, top_k, top_p, min_p, miro, uniform = knobs.unbind(1)
+    rowmax = x.amax(dim=1)
+    greedy_tok = torch.argmax(x, dim=1)  # first maximal index: ties go to the lowest id
+    z = x / temp.to(torch.float32).unsqueeze(1)
+    pos_inf = z == _POS_INF
+    has_pos_inf = pos_inf.any(dim=1, keepdim=True)
+    probs = torch.where(
+        has_pos_inf,
+        pos_inf.to(torch.float32) / pos_inf.sum(1, keepdim=True).clamp_min(1),
+        torch.softmax(z, 1),
+    )
+    vals, ids = torch.sort(probs, dim=1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=device).unsqueeze(0)
+    keep = rank < top_k.unsqueeze(1)
+    cum = torch.cumsum(vals * keep, dim=1, dtype=torch.float64)
+    target = top_p.unsqueeze(1) * cum[:, -1:]
+    nucleus = ((cum < target) & keep).sum(1, keepdim=True) + 1
+    nucleus = torch.where(top_p.unsqueeze(1) >= 1.0, top_k.unsqueeze(1).long(), nucleus)
+    keep &= rank < nucleus
+    keep &= vals >= min_p.unsqueeze(1).to(torch.float32) * vals[:, :1]
+    mirostat = miro >= 0
+    miro_cut = torch.minimum(miro.to(torch.float32), vals[:, 0]).unsqueeze(1)
+    keep = torch.where(mirostat.unsqueeze(1), vals >= miro_cut, keep)
+    keep[:, 0] = True  # the most probable token always stays
+    weights = torch.where(keep, vals, 0.0)
+    cdf = torch.cumsum(weights, dim=1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    j = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)
+    j = torch.minimum(j, keep.sum(1, keepdim=True) - 1)  # u rounded up to the total: the last kept
+    sampled_tok = ids.gather(1, j).squeeze(1)
+    p_chosen = (weights.gather(1, j).double() / total).squeeze(1)
+    packed = torch.stack(
+        (
+            greedy_tok.double(),
+            sampled_tok.double(),
+            p_chosen,
+            rowmax.double(),
+            has_pos_inf.squeeze(1).double(),
+        )
+    ).cpu()  # the one device-to-host transfer of the step
+    g_tok, s_tok, p_tok, top, _ = packed.tolist()
+    out: list[int | Exception] = []
+    for i, sampler in enumerate(samplers):
+        if math.isnan(top[i]):
+            out.append(GenerationFailed("model produced NaN logits"))
+            continue
+        if top[i] == _NEG_INF:
+            out.append(GenerationFailed("every token is banned or has -inf logit; nothing can be sampled"))
+            continue
+        token = int(g_tok[i] if greedy[i] else s_tok[i])
+        if not greedy[i] and sampler._mu is not None:
+            sampler._mu -= sampler._params.mirostat_eta * (-math.log2(p_tok[i]) - sampler._tau)
+        try:
+            sampler.accept(token)
+        except Exception as exc:
+            out.append(exc)
+            continue
+        out.append(token)
+    return out
+
+
+def _mirostat_threshold(mu: float | None) -> float:
+    """Mirostat's probability floor 2**-mu (as in `_distribution`); -1 when Mirostat is off."""
+    if mu is None:
+        return -1.0
+    return 2.0**-mu if mu > -1000.0 else math.inf

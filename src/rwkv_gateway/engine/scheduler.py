@@ -38,7 +38,7 @@ from rwkv_gateway.domain.types import (
     Usage,
 )
 from rwkv_gateway.engine.protocol import Backend, LiveState
-from rwkv_gateway.engine.sampler import Sampler
+from rwkv_gateway.engine.sampler import Sampler, sample_batch
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
@@ -486,13 +486,24 @@ class Scheduler:
         if feed:
             self._forward(feed)
             now = time.monotonic()
+        ready: list[_Sequence] = []
         for seq in batch:
             if seq.done:
                 continue
             if seq.finishing is not None and seq.last_token is None:
                 self._complete(seq, seq.finishing)
             elif not seq.pending and seq.last_token is None and seq.logits is not None:
-                self._sample(seq, now)
+                if seq.generated >= seq.request.max_tokens:
+                    self._finish(seq, FinishReason.LENGTH)
+                else:
+                    ready.append(seq)
+        if ready:
+            # Every row that needs a token is sampled together (one device-to-host copy on a GPU).
+            results = sample_batch(
+                [s.sampler for s in ready], [s.logits for s in ready if s.logits is not None]
+            )
+            for seq, result in zip(ready, results, strict=True):
+                self._take_token(seq, result, now)
 
     def _initial_state(self, seq: _Sequence) -> LiveState | None:
         snap = seq.request.initial_state
@@ -547,17 +558,12 @@ class Scheduler:
                     if seq.pos == len(seq.prompt) and seq.request.reply_followup is not None:
                         seq.prompt_snapshot = snap
 
-    def _sample(self, seq: _Sequence, now: float) -> None:
+    def _take_token(self, seq: _Sequence, token: int | Exception, now: float) -> None:
+        """A sampled token (or the row's sampling failure): stop rules, text, length."""
         req = seq.request
-        if seq.generated >= req.max_tokens:
-            self._finish(seq, FinishReason.LENGTH)
-            return
-        assert seq.logits is not None
-        try:
-            token = seq.sampler.sample(seq.logits)
-        except Exception as exc:
-            logger.warning("sampling failed for request %s: %s", req.request_id, exc)
-            self._finish(seq, FinishReason.ERROR, error=f"sampling failed: {exc}")
+        if isinstance(token, Exception):
+            logger.warning("sampling failed for request %s: %s", req.request_id, token)
+            self._finish(seq, FinishReason.ERROR, error=f"sampling failed: {token}")
             return
         seq.generated += 1
         self.counters["generated_tokens"] += 1
