@@ -84,12 +84,24 @@ class Settings(BaseSettings):
     )
     glm_ping_s: float = Field(default=15.0, gt=0, description="keep-alive comment interval on /chat-stream")
 
+    # Operations (logs, metrics, shutdown)
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or one JSON object per line (ts, level, logger, message)"
+    )
+    log_prompts: bool = Field(default=False, description="allow prompt and reply text in log lines")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may run before the exit"
+    )
+
     # Engine
     queue_size: int = Field(default=256, ge=1, description="requests waiting for a batch slot")
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="sequences advanced together")
     prefill_chunk: int = Field(default=128, ge=1, le=8192, description="prompt tokens per sequence per step")
     prefill_budget: int = Field(default=512, ge=1, description="prompt tokens across all sequences per step")
     state_cache_mb: int = Field(default=1024, ge=0, description="RAM budget for cached state snapshots")
+    live_state_mb: int = Field(
+        default=0, ge=0, description="memory for the running sequences' states (0: max_batch_size decides)"
+    )
     prefix_cache: bool = Field(default=True, description="continue prompts from cached prefix states")
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_prompt_tokens: int = Field(default=32768, ge=1)
