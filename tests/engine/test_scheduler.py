@@ -15,7 +15,14 @@ from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import Tokenizer
-from rwkv_gateway.errors import InvalidParameter, NotReady, PromptTooLong, ServerBusy, StateMismatch
+from rwkv_gateway.errors import (
+    ConfigError,
+    InvalidParameter,
+    NotReady,
+    PromptTooLong,
+    ServerBusy,
+    StateMismatch,
+)
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "User: Write a short poem about rivers.\n\nAssistant:"
@@ -315,3 +322,31 @@ async def test_concurrent_identical_prefixes_are_prefilled_once(
             await plain.aclose()
     finally:
         await sched.aclose()
+
+
+async def test_live_state_budget_limits_running_sequences(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    per_state = v7_backend.state_nbytes
+    config = EngineConfig(max_batch_size=8, queue_size=16, live_state_bytes=2 * 2 * per_state + 1)
+    sched = Scheduler(v7_backend, tokenizer, config)
+    assert sched.max_active == 2
+    widths: list[int] = []
+    real_step = Scheduler._step
+
+    def step(self: Scheduler, batch: list[object]) -> None:
+        widths.append(len(batch))
+        real_step(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scheduler, "_step", step)
+    await sched.start()
+    try:
+        alone, _ = await run(sched, max_tokens=6)
+        results = await asyncio.gather(*(run(sched, max_tokens=6) for _ in range(5)))
+        assert [text for text, _ in results] == [alone] * 5  # the others waited, none was refused
+        assert max(widths) == 2
+        assert sched.stats()["max_active"] == 2
+    finally:
+        await sched.aclose()
+    with pytest.raises(ConfigError, match="holds no sequence"):
+        Scheduler(v7_backend, tokenizer, EngineConfig(live_state_bytes=per_state))

@@ -87,6 +87,7 @@ def build_scheduler(
         max_prompt_tokens=settings.max_prompt_tokens,
         max_new_tokens=settings.max_new_tokens,
         prefix_cache=settings.prefix_cache,
+        live_state_bytes=settings.live_state_mb * 2**20,
     )
     store = StateStore(
         settings.state_dir,

@@ -44,6 +44,7 @@ from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.errors import (
+    ConfigError,
     GatewayError,
     GenerationFailed,
     InvalidParameter,
@@ -70,6 +71,9 @@ class EngineConfig:
     max_new_tokens: int = 4096
     #: Reuse cached states of token prefixes (needs a state store).
     prefix_cache: bool = True
+    #: Memory for the live states of running sequences (0: no limit beyond max_batch_size). What does
+    #: not fit waits in the queue, which keeps its bound.
+    live_state_bytes: int = 0
 
 
 class GenerationStream:
@@ -177,6 +181,7 @@ class Scheduler:
         #: Taken from the queue but waiting: for a free slot, or for another sequence's checkpoint.
         self._deferred: list[_Sequence] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
+        self.max_active = self._slots(self.config, backend)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._wakeup: asyncio.Event | None = None
@@ -191,6 +196,21 @@ class Scheduler:
             "followup_tokens": 0,
             "checkpoints": 0,
         }
+
+    @staticmethod
+    def _slots(config: EngineConfig, backend: Backend) -> int:
+        """Sequences that may run at once: the batch size, or fewer if their states would not fit."""
+        per_state = int(getattr(backend, "state_nbytes", 0))
+        if config.live_state_bytes <= 0 or per_state <= 0:
+            return config.max_batch_size
+        # A step holds each running state and the new state it computes.
+        fits = config.live_state_bytes // (2 * per_state)
+        if fits < 1:
+            raise ConfigError(
+                f"live state budget of {config.live_state_bytes} bytes holds no sequence "
+                f"(each needs {2 * per_state} bytes)"
+            )
+        return min(config.max_batch_size, fits)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +286,7 @@ class Scheduler:
             "queue_depth": (self._queue.qsize() if self._queue else 0) + len(self._deferred),
             "active_sequences": len(self._active),
             "max_batch_size": self.config.max_batch_size,
+            "max_active": self.max_active,
             **self.counters,
         }
 
@@ -393,13 +414,13 @@ class Scheduler:
     def _admit(self) -> None:
         assert self._queue is not None
         waiting, self._deferred = self._deferred, []
-        while len(self._active) < self.config.max_batch_size and not self._queue.empty():
+        while len(self._active) < self.max_active and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         for seq in waiting:
             if seq.stream.cancelled:
                 self._finish(seq, FinishReason.CANCELLED)
                 self._deliver(seq)
-            elif len(self._active) >= self.config.max_batch_size or self._prefilled_by_another(seq):
+            elif len(self._active) >= self.max_active or self._prefilled_by_another(seq):
                 self._deferred.append(seq)
             else:
                 self._active.append(seq)
