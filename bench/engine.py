@@ -1,12 +1,15 @@
 """Engine throughput benchmark: drives the scheduler in-process at several concurrency levels.
 
     python bench/engine.py --model PATH.pth --concurrency 1,4,16 --tokens 128
-    python bench/engine.py --demo-shape 12x768 --concurrency 1,4,16   # a generated 0.1B-shaped v7 model
+    python bench/engine.py --demo-shape 12x768 --concurrency 1,4,16,64   # a generated 0.1B-shaped v7
 
 For each concurrency C it runs C simultaneous requests (short prompt, `--tokens` new tokens each, no
 early stop) and reports aggregate decode tok/s, time to first token p50/p95, and the ratio to C=1; then
-a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0) for prefill tok/s. Prints a table
-and writes JSON (default bench/results/engine-<time>.json).
+a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0) for prefill tok/s. For an RWKV-7
+model served by the batched backend it first measures, in the same run, one sequence through the `rwkv`
+package's backend, and reports every level as a multiple of that figure too. Prints a table, writes JSON
+(default bench/results/engine-<time>.json) and, with matplotlib installed (`pip install -e '.[bench]'`),
+a PNG plot of tok/s against concurrency beside it.
 """
 
 from __future__ import annotations
@@ -108,6 +111,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         prefill_chunk=args.chunk,
         prefill_budget=args.chunk * 4,
     )
+    package_single: dict[str, Any] | None = None
+    if args.backend == "batched" and not args.no_package_baseline:
+        # The reference: one sequence through the rwkv package, on the same machine in the same run.
+        package = load_model(path, args.strategy)
+        ref = Scheduler(package, tokenizer, EngineConfig(max_batch_size=1, queue_size=4))
+        await ref.start()
+        try:
+            await decode_run(ref, 1, 8)
+            package_single = await decode_run(ref, 1, args.tokens)
+        finally:
+            await ref.aclose()
+        del package, ref
     engine = Scheduler(backend, tokenizer, config)
     await engine.start()
     try:
@@ -121,6 +136,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     base = decode[0]["decode_tok_s"]
     for row in decode:
         row["speedup_vs_first"] = row["decode_tok_s"] / base
+        if package_single is not None:
+            row["x_vs_package_single"] = row["decode_tok_s"] / package_single["decode_tok_s"]
     return {
         "model": str(path) if args.model else f"generated v7 {args.demo_shape}",
         "rwkv_version": backend.info.version,
@@ -132,9 +149,39 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__,
         },
+        "package_single": package_single,
         "decode": decode,
         "prefill": prefill,
     }
+
+
+def plot(result: dict[str, Any], png: Path) -> bool:
+    """Aggregate and per-stream decode tok/s against concurrency (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    levels = [row["concurrency"] for row in result["decode"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(levels, [r["decode_tok_s"] for r in result["decode"]], "o-", label="aggregate decode tok/s")
+    ax.plot(levels, [r["per_stream_tok_s"] for r in result["decode"]], "s--", label="per stream tok/s")
+    if result.get("package_single"):
+        ref = result["package_single"]["decode_tok_s"]
+        ax.axhline(ref, color="grey", linestyle=":", label=f"rwkv package, 1 sequence ({ref:.1f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent sequences")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{result['model']}, {result['strategy']}, {result['backend']}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -149,22 +196,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=128, help="prefill chunk per sequence per step")
+    parser.add_argument(
+        "--no-package-baseline", action="store_true", help="skip the rwkv package single-sequence run"
+    )
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     model = f"{result['model']} (RWKV v{result['rwkv_version']}, {result['strategy']}, {result['backend']})"
     print(f"model: {model}")
-    header = ("conc", "decode tok/s", "per stream", "x vs C=1", "ttft p50 ms", "ttft p95 ms")
-    print("{:>5} {:>13} {:>11} {:>9} {:>12} {:>12}".format(*header))
+    ref = result["package_single"]
+    if ref is not None:
+        print(f"rwkv package backend, 1 sequence: {ref['decode_tok_s']:.1f} tok/s")
+    header = ("conc", "decode tok/s", "per stream", "x vs C=1", "x vs pkg 1", "ttft p50 ms", "ttft p95 ms")
+    print("{:>5} {:>13} {:>11} {:>9} {:>11} {:>12} {:>12}".format(*header))
     for row in result["decode"]:
+        vs_pkg = f"{row['x_vs_package_single']:>11.2f}" if ref is not None else f"{'-':>11}"
         print(
             f"{row['concurrency']:>5} {row['decode_tok_s']:>13.1f} {row['per_stream_tok_s']:>11.1f} "
-            f"{row['speedup_vs_first']:>9.2f} {row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f}"
+            f"{row['speedup_vs_first']:>9.2f} {vs_pkg} "
+            f"{row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f}"
         )
     for row in result["prefill"]:
         rate, each = row["prefill_tok_s"], row["prompt_tokens"]
         print(f"prefill C={row['concurrency']:<3} {rate:>10.1f} tok/s ({each} tokens each)")
-    print(f"wrote {save_result(result, args.out, 'engine')}", file=sys.stderr)
+    out = save_result(result, args.out, "engine")
+    print(f"wrote {out}", file=sys.stderr)
+    if plot(result, out.with_suffix(".png")):
+        print(f"wrote {out.with_suffix('.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
