@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,11 +19,15 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from rwkv_gateway import __version__
 from rwkv_gateway.api import health, tokenize
 from rwkv_gateway.api.common.errors import BodySizeLimit, ErrorRenderer
+from rwkv_gateway.api.common.request_id import RequestId
 from rwkv_gateway.api.glm import router as glm_router
+from rwkv_gateway.api.metrics import HttpMetrics
+from rwkv_gateway.api.metrics import router as metrics_router
 from rwkv_gateway.api.openai import router as openai_router
 from rwkv_gateway.api.openai.errors import OpenAIErrors
 from rwkv_gateway.api.roleplay import router as roleplay_router
@@ -34,6 +39,7 @@ from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
 from rwkv_gateway.errors import GatewayError, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
+from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.settings import Settings
 
@@ -42,10 +48,14 @@ logger = logging.getLogger(__name__)
 
 async def _load_engine(app: FastAPI, settings: Settings, request_logger: RequestLogger) -> None:
     state = app.state
+    metrics: GatewayMetrics = state.metrics
     try:
+        started = time.perf_counter()
         loaded = await asyncio.to_thread(runtime.load, settings)
-        engine = runtime.build_scheduler(settings, loaded, on_finish=request_logger.record)
+        on_finish = chain(request_logger.record, metrics.record)
+        engine = runtime.build_scheduler(settings, loaded, on_finish=on_finish)
         await engine.start()
+        metrics.model_loaded(time.perf_counter() - started)
     except GatewayError as exc:
         state.load_error = exc.message
         logger.error("model load failed: %s", exc.message)
@@ -83,7 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     load_task: asyncio.Task[None] | None = None
     if injected is not None:
         if injected.on_finish is None:
-            injected.on_finish = request_logger.record
+            injected.on_finish = chain(request_logger.record, state.metrics.record)
         await injected.start()
         state.engine = injected
         state.model_ready.set()
@@ -152,9 +162,17 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(_error_body("internal_error", "internal server error"), status_code=500)
 
 
+class _GatewayApp(FastAPI):
+    """FastAPI with request ids and HTTP metrics as its outermost layer, outside even Starlette's
+    500 handler, so the response to an unexpected failure is counted and carries its id too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestId(HttpMetrics(super().build_middleware_stack(), self.state.metrics))
+
+
 def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAPI:
     """Build the app. `engine` injects a ready-built engine (tests); otherwise the lifespan loads one."""
-    app = FastAPI(
+    app = _GatewayApp(
         title="rwkv-gateway",
         version=__version__,
         summary="One RWKV model behind the OpenAI, wenxinworkshop, ChatGLM, role-play and Task APIs.",
@@ -163,7 +181,10 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     app.state.settings = settings
     app.state.injected_engine = engine
     app.state.engine = None
+    # Per app, never the global registry: figures of one app (tests build many) stay its own.
+    app.state.metrics = GatewayMetrics(lambda: app.state.engine, queue_size=settings.queue_size)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     app.include_router(tasks_router.router)  # /v1/tasks/* before the OpenAI /v1/* routes
     app.include_router(openai_router.router)
     app.include_router(openai_router.utility_router)

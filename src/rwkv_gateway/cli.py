@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
@@ -64,12 +62,10 @@ def _settings(**overrides: Any) -> Settings:
         _fail(f"{where}: {first['msg']}")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
+    from rwkv_gateway.logs import configure_logging
+
+    configure_logging(level, fmt)
 
 
 def _graceful_server_class() -> type:
@@ -103,6 +99,9 @@ def serve(
     db_url: DbUrlOpt = None,
     model_name: Annotated[str | None, typer.Option(help="model id shown to clients")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text, or json (one object per line) [env RWKV_GATEWAY_LOG_FORMAT]")
+    ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first; loads the model in the background)."""
     import uvicorn
@@ -122,8 +121,9 @@ def serve(
         db_url=db_url,
         model_name=model_name,
         log_level=log_level,
+        log_format=log_format,
     )
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         path, _ = resolve_model_path(settings)
         info = preflight(path, settings.strategy)
