@@ -35,10 +35,13 @@ from rwkv_gateway.api.tasks import router as tasks_router
 from rwkv_gateway.api.wenxin import router as wenxin_router
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
+from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
-from rwkv_gateway.errors import GatewayError, ServerBusy
+from rwkv_gateway.errors import GatewayError, NotReady, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
+from rwkv_gateway.services.roleplay import RoleplayService, sweep_guests_forever
+from rwkv_gateway.services.users import UserService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.settings import Settings
@@ -84,6 +87,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.db_engine = db_engine
     state.sessions = make_session_factory(db_engine)
     state.credentials = CredentialService(state.sessions)
+    # Role-play: accounts, conversations, and the idle-guest sweeper.
+    state.roleplay_users = UserService(state.sessions, defaults_dir=settings.roleplay_default_characters)
+    state.roleplay = RoleplayService(
+        state.sessions,
+        lambda: get_engine_of(app),
+        max_reply_tokens=settings.roleplay_max_reply_tokens,
+        max_avatar_bytes=settings.roleplay_max_avatar_bytes,
+    )
+    guest_sweeper = asyncio.create_task(
+        sweep_guests_forever(state.roleplay, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s),
+        name="roleplay-guest-sweeper",
+    )
     request_logger = RequestLogger(state.sessions)
     await request_logger.start()
     state.request_logger = request_logger
@@ -102,6 +117,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        guest_sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await guest_sweeper
         if load_task is not None and not load_task.done():
             load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -112,6 +130,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine = None
         await request_logger.aclose()
         await db_engine.dispose()
+
+
+def get_engine_of(app: FastAPI) -> Engine:
+    """The loaded engine, or NotReady (for services that reach the engine outside a request)."""
+    engine: Engine | None = getattr(app.state, "engine", None)
+    if engine is None:
+        raise NotReady("the model is still loading")
+    return engine
 
 
 def _error_body(code: str, message: str) -> dict[str, Any]:
@@ -201,6 +227,8 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
             allow_headers=["*"],
             expose_headers=["x-request-id", "retry-after"],
         )
+    # Role-play CORS (outermost) and the optional static UI (mounted after every API route).
+    roleplay_router.install(app, settings)
     app.state.error_renderers = [
         *tasks_router.error_scopes(),
         *wenxin_router.error_scopes(),

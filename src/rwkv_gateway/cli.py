@@ -21,6 +21,7 @@ from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
     from rwkv_gateway.services.credentials import CredentialKind, CredentialService
+    from rwkv_gateway.services.users import UserService
 
 T = TypeVar("T")
 
@@ -38,6 +39,11 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
+users_app = typer.Typer(
+    help="Role-play accounts: add, list, delete, import a legacy deployment (same database as `serve`).",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
 
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="data directory [env RWKV_GATEWAY_DATA_DIR]")
@@ -102,6 +108,9 @@ def serve(
     log_format: Annotated[
         str | None, typer.Option(help="text, or json (one object per line) [env RWKV_GATEWAY_LOG_FORMAT]")
     ] = None,
+    ui_dir: Annotated[
+        Path | None, typer.Option("--ui-dir", help="a built role-play UI (its dist/ folder) served at /")
+    ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first; loads the model in the background)."""
     import uvicorn
@@ -122,7 +131,10 @@ def serve(
         model_name=model_name,
         log_level=log_level,
         log_format=log_format,
+        ui_dir=ui_dir,
     )
+    if settings.ui_dir is not None and not (settings.ui_dir / "index.html").is_file():
+        _fail(f"--ui-dir {settings.ui_dir} has no index.html (give the UI build's dist/ folder)")
     _setup_logging(settings.log_level, settings.log_format)
     try:
         path, _ = resolve_model_path(settings)
@@ -328,6 +340,115 @@ def keys_revoke(
     if not _with_credentials(data_dir, db_url, lambda service: service.revoke(identifier)):
         _fail(f"no active credential matches {identifier!r}", code=1)
     typer.echo(f"revoked {identifier}")
+
+
+# ---------------------------------------------------------------------------- role-play users
+
+
+def _with_users(data_dir: Path | None, db_url: str | None, call: Callable[[UserService], Awaitable[T]]) -> T:
+    """Bring the database up to date, then return what `call` does with a UserService on it."""
+    from rwkv_gateway.db.migrate import upgrade
+    from rwkv_gateway.db.session import create_db_engine, make_session_factory
+    from rwkv_gateway.services.users import UserService
+
+    settings = _settings(data_dir=data_dir, db_url=db_url)
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:
+        _fail(f"migration failed: {exc}", code=1)
+
+    async def run() -> T:
+        engine = create_db_engine(settings.database_url)
+        try:
+            sessions = make_session_factory(engine)
+            return await call(UserService(sessions, defaults_dir=settings.roleplay_default_characters))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except GatewayError as exc:
+        _fail(exc.message, code=1)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="the user name (what the UI's login form asks for)")],
+    password: Annotated[
+        str | None, typer.Option("--password", help="the password (prompted for when omitted)")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Create a role-play account (the password is stored as an Argon2id hash)."""
+    if password is None:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    secret = password
+    _with_users(data_dir, db_url, lambda users: users.add(name, secret))
+    typer.echo(f"added user {name}")
+
+
+@users_app.command("list")
+def users_list(
+    guests: Annotated[bool, typer.Option("--guests", help="include guest accounts")] = False,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """List role-play accounts with their character counts."""
+    infos = _with_users(data_dir, db_url, lambda users: users.list(guests=guests))
+    if as_json:
+        rows = [
+            {
+                "name": i.name,
+                "created_at": i.created_at.isoformat(),
+                "last_seen_at": i.last_seen_at.isoformat(),
+                "characters": i.characters,
+            }
+            for i in infos
+        ]
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    if not infos:
+        typer.echo("no users", err=True)
+        return
+    typer.echo(f"{'NAME':<40}  {'CREATED (UTC)':<19}  {'LAST SEEN (UTC)':<19}  CHARACTERS")
+    for i in infos:
+        created = i.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        seen = i.last_seen_at.strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{i.name:<40}  {created:<19}  {seen:<19}  {i.characters}")
+
+
+@users_app.command("del")
+def users_del(
+    name: Annotated[str, typer.Argument(help="the user to delete, with all their characters and chats")],
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Delete a role-play account and everything it owns (characters, chats, their saved states)."""
+    keys = _with_users(data_dir, db_url, lambda users: users.delete(name))
+    if keys:
+        from rwkv_gateway.engine.states import StateStore
+
+        settings = _settings(data_dir=data_dir, db_url=db_url)
+        # Deleting by key needs no model; the id only matters when loading states.
+        store = StateStore(settings.state_dir, budget_bytes=0, model_id="")
+        for key in keys:
+            store.delete(key)
+    typer.echo(f"deleted user {name}")
+
+
+@users_app.command("import-legacy")
+def users_import_legacy(
+    directory: Annotated[
+        Path, typer.Argument(help="an RWKV_Role_Playing_API folder (with user/ and chars/)")
+    ],
+    data_dir: DataDirOpt = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Import the original API's accounts (user/<name> password files) and character JSON files."""
+    names, n_chars = _with_users(data_dir, db_url, lambda users: users.import_legacy(directory))
+    typer.echo(f"imported {len(names)} users ({', '.join(names) or 'none'}) and {n_chars} characters")
 
 
 def main() -> None:

@@ -10,10 +10,19 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Result, func, select, update
+from sqlalchemy import Result, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from rwkv_gateway.db.models import AccessToken, ApiCredential, RequestLogEntry
+from rwkv_gateway.db.models import (
+    AccessToken,
+    ApiCredential,
+    AuthToken,
+    Character,
+    Conversation,
+    ConversationNode,
+    RequestLogEntry,
+    User,
+)
 from rwkv_gateway.domain.types import RequestRecord
 
 
@@ -184,3 +193,145 @@ class AccessTokenRepo:
 def _rowcount(result: Result[Any]) -> int:
     # DML results are CursorResults at runtime; `Session.execute` is typed as returning a plain Result.
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+# ---------------------------------------------------------------------------- role-play
+
+
+class UserRepo:
+    """Rows of `users` (accounts and guests) and their login tokens in `auth_tokens`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_by_name(self, name: str) -> User | None:
+        return (await self.session.scalars(select(User).where(User.name == name))).one_or_none()
+
+    async def add(self, name: str, password_hash: str | None, *, is_guest: bool) -> User:
+        user = User(name=name, password_hash=password_hash, is_guest=is_guest)
+        self.session.add(user)
+        await self.session.flush()
+        return user
+
+    async def list(self, *, guests: bool = False) -> Sequence[User]:
+        query = select(User)
+        if not guests:
+            query = query.where(User.is_guest.is_(False))
+        return (await self.session.scalars(query.order_by(User.name))).all()
+
+    async def delete(self, user: User) -> None:
+        await self.session.delete(user)
+        await self.session.flush()
+
+    async def idle_guests(self, before: datetime) -> Sequence[User]:
+        query = select(User).where(User.is_guest.is_(True), User.last_seen_at < before).order_by(User.id)
+        return (await self.session.scalars(query)).all()
+
+    async def token_hash(self, user_id: int) -> str | None:
+        """The digest of the user's current token (one per user); None when it has none."""
+        query = (
+            select(AuthToken.token_hash)
+            .where(AuthToken.user_id == user_id)
+            .order_by(AuthToken.id.desc())
+            .limit(1)
+        )
+        return (await self.session.scalars(query)).first()
+
+    async def replace_token(self, user_id: int, token_hash: str) -> None:
+        """Make `token_hash` the user's only token (logging in again invalidates the previous one)."""
+        await self.session.execute(delete(AuthToken).where(AuthToken.user_id == user_id))
+        self.session.add(AuthToken(user_id=user_id, token_hash=token_hash))
+        await self.session.flush()
+
+
+class CharacterRepo:
+    """A user's role-play characters (`characters`), keyed by (user, name)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list(self, user_id: int) -> Sequence[Character]:
+        query = select(Character).where(Character.user_id == user_id)
+        return (await self.session.scalars(query)).all()
+
+    async def get(self, user_id: int, name: str) -> Character | None:
+        query = select(Character).where(Character.user_id == user_id, Character.name == name)
+        return (await self.session.scalars(query)).one_or_none()
+
+    async def add(self, character: Character) -> Character:
+        self.session.add(character)
+        await self.session.flush()
+        return character
+
+    async def delete(self, character: Character) -> None:
+        await self.session.delete(character)
+        await self.session.flush()
+
+    async def count_persona_key(self, key: str) -> int:
+        """How many characters (of any user) share this cached persona state."""
+        query = select(func.count()).select_from(Character).where(Character.persona_state_key == key)
+        return (await self.session.scalar(query)) or 0
+
+
+class ConversationRepo:
+    """Conversations (one per user and character) and their nodes, read as the path to the current node."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, user_id: int, character_id: int) -> Conversation | None:
+        query = (
+            select(Conversation)
+            .where(Conversation.user_id == user_id, Conversation.character_id == character_id)
+            .order_by(Conversation.id)
+            .limit(1)
+        )
+        return (await self.session.scalars(query)).first()
+
+    async def add(self, user_id: int, character_id: int) -> Conversation:
+        conversation = Conversation(user_id=user_id, character_id=character_id)
+        self.session.add(conversation)
+        await self.session.flush()
+        return conversation
+
+    async def nodes(self, conversation_id: int) -> Sequence[ConversationNode]:
+        """Every node of the conversation in path order (role-play keeps one linear path)."""
+        query = (
+            select(ConversationNode)
+            .where(ConversationNode.conversation_id == conversation_id)
+            .order_by(ConversationNode.position, ConversationNode.id)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def add_node(self, node: ConversationNode) -> ConversationNode:
+        self.session.add(node)
+        await self.session.flush()
+        return node
+
+    async def delete_nodes(self, conversation: Conversation, nodes: Iterable[ConversationNode]) -> None:
+        ids = [n.id for n in nodes]
+        if not ids:
+            return
+        if conversation.current_node_id in ids:
+            conversation.current_node_id = None
+            await self.session.flush()
+        await self.session.execute(delete(ConversationNode).where(ConversationNode.id.in_(ids)))
+        await self.session.flush()
+
+    async def delete(self, conversation: Conversation) -> None:
+        conversation.current_node_id = None
+        await self.session.flush()
+        await self.session.execute(
+            delete(ConversationNode).where(ConversationNode.conversation_id == conversation.id)
+        )
+        await self.session.delete(conversation)
+        await self.session.flush()
+
+    async def state_keys_of_user(self, user_id: int) -> list[str]:
+        """State-store keys of every node of the user's conversations (to delete with the user)."""
+        query = (
+            select(ConversationNode.state_key)
+            .join(Conversation, ConversationNode.conversation_id == Conversation.id)
+            .where(Conversation.user_id == user_id, ConversationNode.state_key.is_not(None))
+        )
+        return [k for k in (await self.session.scalars(query)).all() if k is not None]

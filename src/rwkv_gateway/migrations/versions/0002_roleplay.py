@@ -24,7 +24,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("users", sa.Column("defaults_given", sa.Boolean(), server_default=sa.false(), nullable=False))
+    op.add_column(
+        "users", sa.Column("defaults_given", sa.Boolean(), server_default=sa.false(), nullable=False)
+    )
     op.add_column("characters", sa.Column("card_extra", sa.Text(), nullable=True))
     op.add_column("conversation_nodes", sa.Column("context_text", sa.Text(), nullable=True))
 

@@ -1,0 +1,175 @@
+"""What the role-play routes see of the role-play services, free of any database import.
+
+The messages of the reference (compat spec §1.5), the failure type that carries them, the account and
+card value types, the `ReplyJob` a reply or resay hands to the route, and the protocols the routes
+call (`RoleplayAPI`, `UsersAPI`), which `services/roleplay.py` and `services/users.py` implement.
+"""
+
+# ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from rwkv_gateway.domain.engine import TokenStream
+from rwkv_gateway.domain.types import Finish, FinishReason, SamplingParams, TextDelta
+from rwkv_gateway.errors import GatewayError
+
+logger = logging.getLogger(__name__)
+
+# The reference's messages (compat spec §1.5), byte for byte.
+MSG_KEY_MISSING = "缺少关键参数"
+MSG_NO_USER = "用户不存在"
+MSG_BAD_PASSWORD = "密码不正确"
+MSG_LOGIN_FAILED = "登陆失败"
+MSG_EMPTY = "关键参数为空"
+MSG_STALE_TOKEN = "token失效，请重新登录"
+
+
+MSG_NO_CHARACTER = "角色不存在"
+MSG_NOT_LOADED = "尚未加载角色"
+MSG_NOT_STARTED = "尚未开始对话"
+MSG_NO_NODE = "回溯节点不存在"
+MSG_BAD_NAME = "角色名称不合法"
+MSG_AVATAR_TOO_LARGE = "头像图片过大"
+MSG_BUSY = "角色正在回复中，请稍后再试"
+
+Row = list[str | None]
+
+
+class RoleplayFailure(GatewayError):
+    """A role-play outcome with the reference's message and application code (HTTP stays 200)."""
+
+    code = "roleplay"
+    http_status = 400
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    name: str
+    is_guest: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CardFields:
+    """A character as the reference stores it (`chars/*.json`)."""
+
+    user: str
+    bot: str
+    greeting: str
+    bot_persona: str
+    example_message: str = ""
+    use_qa: bool = False
+    avatar: str | None = None
+
+
+class ReplyJob:
+    """An admitted reply or resay: its text as it grows, then the stripped final text.
+
+    The chat is written only when generation ends normally (stop or length); a job that is cancelled
+    or closed early (client gone) writes nothing. The (user, character) guard is released when the
+    job ends either way.
+    """
+
+    def __init__(
+        self,
+        stream: TokenStream,
+        commit: Callable[[str, str, Finish], Any],
+        release: Callable[[], None],
+    ) -> None:
+        self._stream = stream
+        self._commit = commit
+        self._release = release
+        self._released = False
+
+    def _done(self) -> None:
+        if not self._released:
+            self._released = True
+            self._stream.cancel()
+            self._release()
+
+    async def texts(self) -> AsyncIterator[str]:
+        """The whole reply so far after every piece of text; the last item is the final reply (stripped
+        after a stop, as generated at the length cap). Nothing more after a failed generation."""
+        try:
+            text = ""
+            finish: Finish | None = None
+            async for event in self._stream:
+                if isinstance(event, TextDelta):
+                    text += event.text
+                    yield text
+                else:
+                    finish = event
+            if finish is None or finish.reason not in (FinishReason.STOP, FinishReason.LENGTH):
+                logger.warning("role-play reply ended without a reply: %s", finish and finish.error)
+                return
+            # At the length cap the text is kept as generated (compat spec §4.2) minus a character
+            # the cap split (the decoder's replacement for its partial bytes).
+            final = text.strip() if finish.reason is FinishReason.STOP else text.rstrip("\ufffd")
+            await self._commit(text, final, finish)
+            yield final
+        finally:
+            self._done()
+
+    async def reply(self) -> str:
+        """Generate to the end and return the final reply (the non-streaming form)."""
+        final = ""
+        async for text in self.texts():
+            final = text
+        return final
+
+    def close(self) -> None:
+        self._done()
+
+
+class UsersAPI(Protocol):
+    async def login(self, user_name: str | None, password: str | None) -> tuple[str, str]: ...
+
+    async def login_guest(self) -> tuple[str, str]: ...
+
+    async def authenticate(self, user_name: str | None, token: str | None) -> Account: ...
+
+
+class RoleplayAPI(Protocol):
+    async def list_characters(self, account: Account) -> list[dict[str, Any]]: ...
+
+    async def get_character(self, account: Account, name: str | None) -> dict[str, Any]: ...
+
+    async def character_fields(
+        self, account: Account, name: str | None
+    ) -> tuple[CardFields, dict[str, Any]]: ...
+
+    async def save_character(
+        self,
+        account: Account,
+        card: CardFields,
+        *,
+        extra: dict[str, Any] | None = None,
+        require_greeting: bool = True,
+    ) -> None: ...
+
+    async def delete_character(self, account: Account, name: str | None) -> None: ...
+
+    async def load(self, account: Account, name: str | None) -> list[Row]: ...
+
+    async def reset(self, account: Account, name: str | None) -> list[Row]: ...
+
+    async def reply(
+        self, account: Account, name: str | None, prompt: str | None, sampling: SamplingParams
+    ) -> ReplyJob: ...
+
+    async def resay(self, account: Account, name: str | None, sampling: SamplingParams) -> ReplyJob: ...
+
+    async def tamper(self, account: Account, name: str | None, message: str | None) -> None: ...
+
+    async def back(self, account: Account, name: str | None, index: int) -> None: ...
+
+    async def debug(self, account: Account, name: str | None) -> dict[str, Any]: ...

@@ -1,0 +1,329 @@
+"""Accounts of the role-play API: users and guests, passwords, login tokens and default characters.
+
+Passwords are Argon2id hashes (argon2-cffi). Login tokens are random (32 lowercase hex characters,
+like the reference's UUID without dashes), stored only as SHA-256 digests, one per user: a new login
+replaces the previous token. A guest is `tmp-<32 hex>` and its token is its own name, as in the
+reference; the token prefix chooses which kind of account a request speaks for. Default characters
+(a folder of reference-format character JSON files) are given to a user once, at the first login,
+and never overwrite a character the user already has. Every method runs in its own short
+transaction; failures a client sees are `RoleplayFailure`s carrying the reference's exact message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from rwkv_gateway.db.base import utcnow
+from rwkv_gateway.db.models import Character, User
+from rwkv_gateway.db.repo import CharacterRepo, ConversationRepo, UserRepo
+from rwkv_gateway.errors import GatewayError, InvalidParameter, NotFound
+from rwkv_gateway.services.roleplay_prompts import NODE_KEY_PREFIX, valid_name
+from rwkv_gateway.services.roleplay_types import (
+    MSG_BAD_PASSWORD,
+    MSG_EMPTY,
+    MSG_KEY_MISSING,
+    MSG_LOGIN_FAILED,
+    MSG_NO_USER,
+    MSG_STALE_TOKEN,
+    Account,
+    CardFields,
+    RoleplayFailure,
+)
+
+logger = logging.getLogger(__name__)
+
+GUEST_PREFIX = "tmp-"
+#: The bundled default characters (one example of this project's own).
+BUNDLED_DEFAULTS = Path(__file__).with_name("roleplay_defaults")
+#: last_seen_at is written at most this often per user (it only drives guest expiry).
+_SEEN_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    created_at: datetime
+    last_seen_at: datetime
+    characters: int
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _optional_text(value: Any) -> str:
+    # The UI serialises JS null/undefined as these strings (compat spec §3.5).
+    if value is None or value in ("null", "undefined") or not isinstance(value, str):
+        return ""
+    return value
+
+
+def card_from_json(data: Any) -> CardFields:
+    """A reference character file's object; InvalidParameter when a required field is missing."""
+    if not isinstance(data, dict):
+        raise InvalidParameter("a character file must hold a JSON object")
+    fields = {}
+    for key in ("user", "bot", "greeting", "bot_persona"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise InvalidParameter(f"the character has no {key}")
+        fields[key] = value
+    bot = valid_name(fields["bot"])
+    if bot is None:
+        raise InvalidParameter(f"invalid character name {fields['bot']!r}")
+    avatar = _optional_text(data.get("avatar")) or None
+    return CardFields(
+        user=fields["user"],
+        bot=bot,
+        greeting=fields["greeting"],
+        bot_persona=fields["bot_persona"],
+        example_message=_optional_text(data.get("example_message")),
+        use_qa=bool(data.get("use_qa")),
+        avatar=avatar,
+    )
+
+
+def read_card_files(directory: Path) -> list[CardFields]:
+    """Every readable character JSON file of `directory`, by file name; unreadable ones are skipped."""
+    cards: list[CardFields] = []
+    if not directory.is_dir():
+        return cards
+    for path in sorted(directory.glob("*.json")):
+        try:
+            cards.append(card_from_json(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, GatewayError) as exc:
+            logger.warning("skipping character file %s: %s", path, exc)
+    return cards
+
+
+def character_row(user_id: int, card: CardFields) -> Character:
+    return Character(
+        user_id=user_id,
+        name=card.bot,
+        user_alias=card.user,
+        greeting=card.greeting,
+        persona=card.bot_persona,
+        example_message=card.example_message,
+        use_qa=card.use_qa,
+        avatar=card.avatar,
+    )
+
+
+class UserService:
+    """Accounts, guests and tokens (role-play API and the `users` CLI)."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], *, defaults_dir: Path | None = None
+    ) -> None:
+        self._sessions = sessions
+        self._defaults_dir = defaults_dir if defaults_dir is not None else BUNDLED_DEFAULTS
+        self._hasher = PasswordHasher()
+
+    # -- operator side (CLI) -------------------------------------------------------------------------
+
+    async def add(self, name: str, password: str) -> None:
+        checked = valid_name(name)
+        if checked is None or checked.startswith(GUEST_PREFIX):
+            raise InvalidParameter(f"invalid user name {name!r}")
+        if not password:
+            raise InvalidParameter("the password is empty")
+        hashed = await asyncio.to_thread(self._hasher.hash, password)
+        async with self._sessions() as session:
+            users = UserRepo(session)
+            if await users.get_by_name(checked) is not None:
+                raise InvalidParameter(f"user {checked!r} already exists")
+            await users.add(checked, hashed, is_guest=False)
+            await session.commit()
+
+    async def set_password(self, name: str, password: str) -> None:
+        hashed = await asyncio.to_thread(self._hasher.hash, password)
+        async with self._sessions() as session:
+            user = await UserRepo(session).get_by_name(name)
+            if user is None or user.is_guest:
+                raise NotFound(f"no user {name!r}")
+            user.password_hash = hashed
+            await session.commit()
+
+    async def delete(self, name: str) -> list[str]:
+        """Delete a user (or guest) with everything they own; returns the state-store keys that only
+        they used, for the caller to delete from the state store."""
+        async with self._sessions() as session:
+            users = UserRepo(session)
+            user = await users.get_by_name(name)
+            if user is None:
+                raise NotFound(f"no user {name!r}")
+            keys = await delete_user_rows(session, user)
+            await session.commit()
+            return keys
+
+    async def list(self, *, guests: bool = False) -> builtins.list[UserInfo]:
+        async with self._sessions() as session:
+            users = await UserRepo(session).list(guests=guests)
+            chars = CharacterRepo(session)
+            return [
+                UserInfo(u.name, u.created_at, u.last_seen_at, len(await chars.list(u.id))) for u in users
+            ]
+
+    async def import_legacy(self, root: Path) -> tuple[builtins.list[str], int]:
+        """Import a reference deployment: `user/<name>` password files and `chars/*.json` as each
+        imported user's characters (`chars/<name>/*.json` when present). Existing users are left
+        alone. Returns (imported user names, characters imported)."""
+        user_dir = root / "user"
+        if not user_dir.is_dir():
+            raise NotFound(f"{user_dir} is not a directory")
+        shared = read_card_files(root / "chars")
+        imported: builtins.list[str] = []
+        n_chars = 0
+        for path in sorted(user_dir.iterdir()):
+            if not path.is_file():
+                continue
+            name = valid_name(path.name)
+            if name is None or name.startswith(GUEST_PREFIX):
+                logger.warning("skipping legacy account %r: not a valid user name", path.name)
+                continue
+            password = path.read_text(encoding="utf-8")
+            # The reference compares the whole file; a trailing newline is an editor's, not a password's.
+            password = password.removesuffix("\n").removesuffix("\r")
+            if not password:
+                logger.warning("skipping legacy account %r: empty password", name)
+                continue
+            hashed = await asyncio.to_thread(self._hasher.hash, password)
+            own = read_card_files(root / "chars" / path.name)
+            async with self._sessions() as session:
+                users = UserRepo(session)
+                if await users.get_by_name(name) is not None:
+                    logger.warning("skipping legacy account %r: the user exists", name)
+                    continue
+                user = await users.add(name, hashed, is_guest=False)
+                chars = CharacterRepo(session)
+                seen: set[str] = set()
+                for card in [*own, *shared]:
+                    if card.bot in seen:
+                        continue
+                    seen.add(card.bot)
+                    await chars.add(character_row(user.id, card))
+                    n_chars += 1
+                await session.commit()
+            imported.append(name)
+        return imported, n_chars
+
+    # -- the role-play routes ------------------------------------------------------------------------
+
+    def _default_cards(self) -> Sequence[CardFields]:
+        return read_card_files(self._defaults_dir)
+
+    async def _provision(self, session: AsyncSession, user_id: int) -> None:
+        """Give the default characters the user does not have yet (never overwriting an edit)."""
+        cards = await asyncio.to_thread(self._default_cards)
+        chars = CharacterRepo(session)
+        for card in cards:
+            if await chars.get(user_id, card.bot) is None:
+                await chars.add(character_row(user_id, card))
+
+    async def login(self, user_name: str | None, password: str | None) -> tuple[str, str]:
+        """(user name, new token) for a correct password; the user's previous token stops working."""
+        if not user_name or not password:
+            raise RoleplayFailure(MSG_KEY_MISSING)
+        name = valid_name(user_name)
+        if name is None:
+            raise RoleplayFailure(MSG_NO_USER)
+        async with self._sessions() as session:
+            user = await UserRepo(session).get_by_name(name)
+            stored = None if user is None or user.is_guest else user.password_hash
+        if stored is None:
+            raise RoleplayFailure(MSG_NO_USER)
+        try:
+            await asyncio.to_thread(self._hasher.verify, stored, password)
+        except (VerificationError, InvalidHashError):
+            raise RoleplayFailure(MSG_BAD_PASSWORD) from None
+        token = secrets.token_hex(16)
+        try:
+            async with self._sessions() as session:
+                users = UserRepo(session)
+                user = await users.get_by_name(name)
+                if user is None:
+                    raise RoleplayFailure(MSG_NO_USER)
+                await users.replace_token(user.id, _digest(token))
+                if not user.defaults_given:
+                    await self._provision(session, user.id)
+                    user.defaults_given = True
+                user.last_seen_at = utcnow()
+                await session.commit()
+        except RoleplayFailure:
+            raise
+        except Exception:
+            logger.exception("login of %s failed", name)
+            raise RoleplayFailure(MSG_LOGIN_FAILED) from None
+        return name, token
+
+    async def login_guest(self) -> tuple[str, str]:
+        """A new guest account with the default characters; its token is its name."""
+        name = GUEST_PREFIX + secrets.token_hex(16)
+        try:
+            async with self._sessions() as session:
+                users = UserRepo(session)
+                user = await users.add(name, None, is_guest=True)
+                await users.replace_token(user.id, _digest(name))
+                await self._provision(session, user.id)
+                user.defaults_given = True
+                await session.commit()
+        except Exception:
+            logger.exception("creating a guest failed")
+            raise RoleplayFailure(MSG_LOGIN_FAILED) from None
+        return name, name
+
+    async def authenticate(self, user_name: str | None, token: str | None) -> Account:
+        """The token check (compat spec §2.1), in the reference's order."""
+        if not user_name or not token:
+            raise RoleplayFailure(MSG_EMPTY)
+        name = valid_name(user_name)
+        if name is None:
+            raise RoleplayFailure(MSG_NO_USER)
+        guest = token.startswith(GUEST_PREFIX)
+        async with self._sessions() as session:
+            users = UserRepo(session)
+            user = await users.get_by_name(name)
+            stored = None if user is None or user.is_guest != guest else await users.token_hash(user.id)
+            if user is None or stored is None:
+                raise RoleplayFailure(MSG_NO_USER)
+            if not hmac.compare_digest(stored, _digest(token)):
+                raise RoleplayFailure(MSG_STALE_TOKEN, 403)
+            now = utcnow()
+            if now - _aware(user.last_seen_at) >= _SEEN_RESOLUTION:
+                user.last_seen_at = now
+                await session.commit()
+            return Account(user.id, user.name, user.is_guest)
+
+
+async def delete_user_rows(session: AsyncSession, user: User) -> list[str]:
+    """Delete `user` (tokens, characters, conversations and nodes go with it); returns the state keys
+    nobody else uses any more."""
+    conversations = ConversationRepo(session)
+    chars = CharacterRepo(session)
+    keys = {k for k in await conversations.state_keys_of_user(user.id) if k.startswith(NODE_KEY_PREFIX)}
+    personas = {c.persona_state_key for c in await chars.list(user.id) if c.persona_state_key}
+    await UserRepo(session).delete(user)
+    for key in personas:
+        if not await chars.count_persona_key(key):
+            keys.add(key)
+    return sorted(keys)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes for what was written as UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=utcnow().tzinfo)
