@@ -1,17 +1,154 @@
-"""Routes of this dialect (being built; registered by the composition root)."""
+"""The ChatGLM-style routes `POST /chat`, `/chat-stream`, `/embedding`: thin handlers over `serving.py`.
+
+Bodies are parsed here rather than by FastAPI, because the reference reads any body as JSON whatever
+its Content-Type (curl's `-d` sends a form type) and its clients rely on that. Every failure is
+rendered as `{"detail": "<field>: <reason>"}` by `GLMErrors` (see errors.py).
+
+The reference runs with CORS fully open and browser clients exist, so these routes answer
+preflights and carry `Access-Control-Allow-Origin` themselves (on errors too), echoing the caller's
+origin; when `RWKV_GATEWAY_CORS_ORIGINS` is set, the app-wide CORS middleware decides instead.
+The error scopes are exact paths: the role-play dialect owns `/chat/...`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-from rwkv_gateway.api.common.errors import ErrorRenderer
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
 
-router = APIRouter()
+from rwkv_gateway.api.common.deps import EngineDep, SettingsDep
+from rwkv_gateway.api.common.disconnect import unless_disconnected
+from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
+from rwkv_gateway.api.glm import serving
+from rwkv_gateway.api.glm.errors import GLMErrors, invalid_from
+from rwkv_gateway.api.glm.schemas import GLMChatRequest, GLMEmbeddingRequest
+from rwkv_gateway.errors import InvalidParameter
+
+M = TypeVar("M", bound=BaseModel)
+
+PATHS = ("/chat", "/chat-stream", "/embedding")
+_CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+_DialectRoute: type[APIRoute] = dialect_route(GLMErrors())
+
+
+def cors_headers(request: Request) -> dict[str, str]:
+    """Open CORS for a request that carries an Origin (echoed, so credentials work too)."""
+    origin = request.headers.get("origin")
+    if origin is None or request.app.state.settings.cors_origins:
+        return {}
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Credentials": "true",
+        "Vary": "Origin",
+    }
+
+
+class GLMRoute(_DialectRoute):  # type: ignore[misc,valid-type]
+    """The dialect's route class, plus the open-CORS headers on whatever the route answers."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler: Callable[[Request], Coroutine[Any, Any, Response]] = super().get_route_handler()
+
+        async def with_cors(request: Request) -> Response:
+            response = await handler(request)
+            response.headers.update(cors_headers(request))
+            return response
+
+        return with_cors
+
+
+router = APIRouter(route_class=GLMRoute, tags=["chatglm"])
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """The body as JSON whatever its Content-Type, validated into `model` (400 naming the field)."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidParameter("not valid JSON", param="body") from None
+    if not isinstance(payload, dict):
+        raise InvalidParameter("expected a JSON object", param="body")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    return parse_body(await request.body(), model)
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    # The body is read by hand (see the module docstring); this puts its schema back into OpenAPI.
+    schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
+    return {"requestBody": schema}
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment=serving.ping_text(), sep="\r\n")
+
+
+@router.post("/chat", response_model=None, openapi_extra=_body_schema(GLMChatRequest))
+async def chat(request: Request, engine: EngineDep, settings: SettingsDep) -> JSONResponse:
+    """One-shot chat: `{prompt, history, max_length, top_p, temperature}` -> `{content, prompt_tokens,
+    completion_tokens, total_tokens, model, object}`."""
+    job = serving.GLMChat(engine, settings, await read_body(request, GLMChatRequest))
+    admitted = await job.admit()
+    try:
+        return JSONResponse(await unless_disconnected(request, job.response(admitted)))
+    finally:
+        admitted.cancel()
+
+
+@router.post("/chat-stream", response_model=None, openapi_extra=_body_schema(GLMChatRequest))
+async def chat_stream(request: Request, engine: EngineDep, settings: SettingsDep) -> EventSourceResponse:
+    """Streamed chat: server-sent events `data: {json}` with only the new text in `content` (append
+    with `+=`), cumulative token counts, keep-alive comments, no terminator."""
+    job = serving.GLMChat(engine, settings, await read_body(request, GLMChatRequest))
+    admitted = await job.admit()  # before the response exists: busy and bad values are real statuses
+    return EventSourceResponse(
+        job.events(admitted),
+        sep="\r\n",
+        ping=settings.glm_ping_s,
+        ping_message_factory=_ping,
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+@router.post("/embedding", response_model=None, openapi_extra=_body_schema(GLMEmbeddingRequest))
+async def embedding(request: Request, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """Embeddings of `prompt` (a list of texts, or one text for one flat vector): the same vectors
+    as `/v1/embeddings`."""
+    return await serving.embeddings(engine, settings, await read_body(request, GLMEmbeddingRequest))
+
+
+async def _preflight(request: Request) -> Response:
+    headers = cors_headers(request)
+    if headers:
+        headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+        headers["Access-Control-Max-Age"] = "600"
+        if wanted := request.headers.get("access-control-request-headers"):
+            headers["Access-Control-Allow-Headers"] = wanted
+    return Response(status_code=200, headers=headers)
+
+
+for _path in (*PATHS, "/tokenize"):
+    router.add_api_route(
+        _path, _preflight, methods=["OPTIONS"], include_in_schema=False, response_class=Response
+    )
 
 
 def error_scopes() -> list[tuple[str, ErrorRenderer]]:
     """(path, renderer) pairs for errors raised outside this dialect's routes (404, 405, 500).
 
-    A path ending in "/" is a prefix; any other path matches exactly. More specific entries first.
+    Exact paths only (no trailing "/"): `/chat/...` belongs to the role-play dialect.
     """
-    return []
+    renderer = GLMErrors()
+    return [(path, renderer) for path in PATHS]
