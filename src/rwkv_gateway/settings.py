@@ -133,6 +133,13 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("model", "tokenizer", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # `RWKV_GATEWAY_MODEL=` (as compose passes an unset `${RWKV_GATEWAY_MODEL:-}`) means "none",
+        # not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _budget_covers_chunk(self) -> Settings:
         if self.prefill_budget < self.prefill_chunk:
