@@ -42,6 +42,8 @@ from rwkv_gateway.errors import GatewayError, NotReady, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
+from rwkv_gateway.services.task_db import TaskDatabase
+from rwkv_gateway.services.tasks import TaskConfig, TaskService
 from rwkv_gateway.services.roleplay import RoleplayService, sweep_guests_forever
 from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
@@ -102,6 +104,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     request_logger = RequestLogger(state.sessions)
     await request_logger.start()
     state.request_logger = request_logger
+    # Task API: the task registry (its runs need the engine, which each call passes in).
+    state.tasks = TaskService(
+        TaskDatabase(state.sessions),
+        TaskConfig(
+            tmp_idle_s=settings.task_tmp_idle_s,
+            tmp_max=settings.task_tmp_max,
+            cache_size=settings.task_cache_size,
+            sweep_s=settings.task_sweep_s,
+            max_segment_tokens=settings.max_new_tokens,
+        ),
+    )
+    await state.tasks.start()
     state.model_ready = asyncio.Event()
     state.load_error = None
     injected: Scheduler | None = state.injected_engine
@@ -124,6 +138,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await load_task
+        await state.tasks.aclose()  # runs record their state while the engine still runs
         engine: Scheduler | None = getattr(state, "engine", None)
         if engine is not None and injected is None:
             await engine.aclose()

@@ -107,6 +107,18 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=32768, ge=1)
     max_new_tokens: int = Field(default=4096, ge=1, description="upper bound for any request's max_tokens")
 
+    # Task API (/v1/tasks)
+    task_tmp_idle_s: float = Field(
+        default=600.0, gt=0, description="temporary (TMP_) tasks unused this long are evicted"
+    )
+    task_tmp_max: int = Field(
+        default=1024, ge=1, description="most temporary tasks kept; the least recently used go first"
+    )
+    task_cache_size: int = Field(
+        default=256, ge=1, description="persistent tasks and templates kept in RAM (all stay in the database)"
+    )
+    task_sweep_s: float = Field(default=30.0, gt=0, description="how often idle temporary tasks are evicted")
+
     # Role-play API (/login, /characters/*, /chat/*, /debug/token)
     roleplay_cors_origins: list[str] = Field(
         default_factory=lambda: ["*"],

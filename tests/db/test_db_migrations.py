@@ -74,6 +74,7 @@ def test_model_tables_are_the_expected_set() -> None:
         "api_credentials",
         "access_tokens",
         "request_log",
+        "tasks",
     }
     assert expected == MODEL_TABLES
 
@@ -84,7 +85,7 @@ def test_upgrade_head_creates_every_table(url: str, db_file: Path, sync_engine: 
     upgrade(url)
     assert db_file.exists()
     assert table_names(sync_engine) == MODEL_TABLES | {"alembic_version"}
-    assert current_revision(url) == head_revision() == "0002"
+    assert current_revision(url) == head_revision() == "0003"
 
 
 def test_migrated_schema_matches_models(url: str, sync_engine: sa.Engine) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Conversation",
     "ConversationNode",
     "RequestLogEntry",
+    "TaskRecord",
     "User",
 ]
 
@@ -227,3 +228,38 @@ class RequestLogEntry(Base):
     total_ms: Mapped[float] = mapped_column(Float)
     finish_reason: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# ---------------------------------------------------------------------------- Task API
+
+TASK_KINDS = ("task", "template")
+
+
+class TaskRecord(Base):
+    """A persistent Task API task (`TASK_...`) or template (`_TMPL_...`); temporary tasks live in RAM only.
+
+    The RNN state itself is a persisted snapshot in the engine's state store under `state_key`
+    (NULL: the empty state). `pending_tokens` (a JSON list of token ids) are tokens the task has
+    consumed that the snapshot does not hold yet (after a stop mid-generation); the next generation
+    feeds them first. `result` is the generated text since the last re-prompt and `piece_ends` (a
+    JSON list of offsets into it) splits it into the pieces that stream positions (`pos`) count.
+    `params` is the task's generation parameters as JSON.
+    """
+
+    __tablename__ = "tasks"
+    __table_args__ = (CheckConstraint(_one_of("kind", TASK_KINDS), name="kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    params: Mapped[str] = mapped_column(Text)
+    state_key: Mapped[str | None] = mapped_column(String(STATE_KEY_LEN))
+    pending_tokens: Mapped[str] = mapped_column(Text, default="[]")
+    result: Mapped[str] = mapped_column(Text, default="")
+    piece_ends: Mapped[str] = mapped_column(Text, default="[]")
+    prefill_time: Mapped[float] = mapped_column(Float, default=0.0)
+    gen_time: Mapped[float] = mapped_column(Float, default=0.0)
+    generated_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
