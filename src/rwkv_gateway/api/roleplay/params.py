@@ -114,6 +114,12 @@ class Params:
             return value != 0
         return True
 
+    async def aclose(self) -> None:
+        """Close the uploaded files of a multipart body."""
+        for value in self._form.values():
+            if isinstance(value, UploadFile):
+                await value.close()
+
     def upload(self, key: str) -> UploadFile | None:
         _, value = self._raw(key)
         return value if isinstance(value, UploadFile) else None
@@ -134,7 +140,12 @@ async def read_params(request: Request, *, max_part_bytes: int) -> Params:
     body: dict[str, Any] = {}
     if content_type in _FORM_TYPES:
         data = await request.form(max_part_size=max_part_bytes)
-        form = _first(list(data.multi_items()))
+        items = list(data.multi_items())
+        form = _first(items)
+        # Repeated file fields that lose to their first occurrence are closed at once.
+        for key, value in items:
+            if isinstance(value, UploadFile) and form.get(key) is not value:
+                await value.close()
     elif content_type == "application/json" or content_type.endswith("+json"):
         raw = await request.body()
         try:

@@ -11,6 +11,7 @@ adds what this dialect needs around the app: CORS on these paths and the optiona
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,9 +68,13 @@ def get_users(request: Request) -> UsersAPI:
     return service
 
 
-async def get_params(request: Request) -> Params:
+async def get_params(request: Request) -> AsyncIterator[Params]:
     settings: Settings = request.app.state.settings
-    return await read_params(request, max_part_bytes=settings.max_body_bytes)
+    params = await read_params(request, max_part_bytes=settings.max_body_bytes)
+    try:
+        yield params
+    finally:
+        await params.aclose()
 
 
 RoleplayDep = Annotated[RoleplayAPI, Depends(get_roleplay)]
@@ -231,10 +236,8 @@ async def import_card(request: Request, users: UsersDep, service: RoleplayDep, p
 
     account = await _account(users, params)
     data = await _card_bytes(params)
-    if data is None:
-        raw = await request.body()
-        if request.headers.get("content-type", "").startswith("application/json") and raw.strip():
-            data = _strip_auth_fields(raw)
+    if data is None and request.headers.get("content-type", "").startswith("application/json"):
+        data = _strip_auth_fields(await request.body())  # read (and cached) by the parameter parser
     if not data:
         raise RoleplayFailure(MSG_EMPTY)
     card = cards.parse_card(data)
