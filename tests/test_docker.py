@@ -35,6 +35,7 @@ DOCKER = ROOT / "docker"
 BASE = DOCKER / "compose.yaml"
 GPU = DOCKER / "compose.gpu.yaml"
 HEALTHCHECK = "/opt/rwkv-gateway/healthcheck.py"
+HEX32_RE = re.compile(r"[0-9a-f]{32}")
 
 # ---------------------------------------------------------------------------- compose helpers
 
@@ -517,3 +518,110 @@ def test_health_probe_follows_readyz() -> None:
     down = probe(closed)
     assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down
     assert "Traceback" not in down.stderr
+
+
+# ---------------------------------------------------------------------------- the README's nginx examples
+
+
+def readme_nginx_blocks() -> list[str]:
+    blocks = re.findall(r"```nginx\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 2, "the proxy example and the scaling example"
+    return blocks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def nginx() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.skip("nginx is not installed")
+    return found
+
+
+def nginx_conf(tmp: Path, body: str) -> Path:
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{}}\n"
+        f"http {{\naccess_log off;\nclient_body_temp_path {tmp};\nproxy_temp_path {tmp};\n{body}\n}}\n"
+    )
+    return conf
+
+
+def test_readme_nginx_examples_are_valid(nginx: str, tmp_path: Path) -> None:
+    proxy, scaling = readme_nginx_blocks()
+    proxy = proxy.replace("listen 443 ssl;", f"listen 127.0.0.1:{free_port()};")
+    scaling += (
+        f"\nserver {{ listen 127.0.0.1:{free_port()}; location / {{ proxy_pass http://rwkv_gateway; }} }}"
+    )
+    for i, body in enumerate((proxy, scaling)):
+        where = tmp_path / str(i)
+        where.mkdir()
+        out = subprocess.run(
+            [nginx, "-t", "-p", str(where), "-c", str(nginx_conf(where, body))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+
+
+def test_readme_proxy_passes_what_signatures_cover(nginx: str, tmp_path: Path) -> None:
+    """Through the README's proxy block, a signed Baidu request reaches the upstream with its path,
+    query, Host (port included), x-bce-date, Authorization and qianfan's Request_id unchanged."""
+    seen: dict[str, Any] = {}
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen["path"] = self.path
+            seen["headers"] = list(self.headers.items())
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+    thread.start()
+    listen = free_port()
+    proxy = readme_nginx_blocks()[0]
+    proxy = proxy.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen};")
+    proxy = proxy.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream.server_address[1]};")
+    conf = nginx_conf(tmp_path, proxy)
+    started = subprocess.run([nginx, "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    path = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/rwkv?access_token=&foo=a%20b%2Fc"
+    sent = [
+        ("Host", "llm.example.com:8443"),
+        ("Content-Type", "application/json"),
+        ("x-bce-date", "2023-11-14T22:13:20Z"),
+        ("Authorization", "bce-auth-v1/iam-ak/2023-11-14T22:13:20Z/1800/content-type;host;x-bce-date/b194"),
+        ("Request_id", "sdk-py-0.4.12.3-AbCdEf0123456789"),
+    ]
+    try:
+        with socket.create_connection(("127.0.0.1", listen), timeout=10) as sock:
+            head = "".join(f"{k}: {v}\r\n" for k, v in sent)
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\n{head}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode()
+            )
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+    finally:
+        subprocess.run([nginx, "-p", str(tmp_path), "-c", str(conf), "-s", "stop"], capture_output=True)
+        upstream.shutdown()
+        upstream.server_close()
+        thread.join()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert seen["path"] == path
+    received = dict(seen["headers"])
+    for name, value in sent:
+        assert received[name] == value, name
+    assert HEX32_RE.fullmatch(received["X-Request-Id"])  # made by the proxy when the client sent none
