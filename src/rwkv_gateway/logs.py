@@ -28,6 +28,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "asctime",
     "request_id",
     "taskName",
+    "color_message",  # uvicorn's copy of the message with ANSI colours
 }
 
 

@@ -170,7 +170,7 @@ def test_json_lines_have_the_documented_fields() -> None:
     token = request_id_var.set("req-1")
     try:
         log.info("hello %s", "world", extra={"dialect": "glm", "tokens": 3})
-        log.warning('quote " and newline\n inside')
+        log.warning('quote " and newline\n inside', extra={"color_message": "\x1b[36mcoloured\x1b[0m"})
     finally:
         request_id_var.reset(token)
         log.info("after")
@@ -183,6 +183,7 @@ def test_json_lines_have_the_documented_fields() -> None:
     assert (first["dialect"], first["tokens"]) == ("glm", 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", first["ts"])
     assert second["message"] == 'quote " and newline\n inside' and second["level"] == "warning"
+    assert "color_message" not in second  # uvicorn's ANSI-coloured duplicate of the message
     assert third["request_id"] is None
 
 
