@@ -102,12 +102,21 @@ class ReplyJob:
         try:
             text = ""
             finish: Finish | None = None
+            held = False
             async for event in self._stream:
                 if isinstance(event, TextDelta):
+                    if held:
+                        yield text
                     text += event.text
-                    yield text
+                    # A piece ending in U+FFFD may be the decoder giving up on a character the length
+                    # cap split; that is known only with the next event, so it waits for it.
+                    held = text.endswith("\ufffd")
+                    if not held:
+                        yield text
                 else:
                     finish = event
+            if held and (finish is None or finish.reason is not FinishReason.LENGTH):
+                yield text
             if finish is None or finish.reason not in (FinishReason.STOP, FinishReason.LENGTH):
                 logger.warning("role-play reply ended without a reply: %s", finish and finish.error)
                 return

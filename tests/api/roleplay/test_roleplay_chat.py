@@ -387,3 +387,47 @@ async def test_idle_guests_are_removed(rp: RP) -> None:
     assert await rp.app.state.roleplay.sweep_guests(rp.settings.roleplay_guest_ttl_s) == 1
     assert (await rp.raw("/characters/list", old)).content == env("用户不存在", 400)
     await rp.ok("/characters/list", fresh)
+
+
+async def test_an_incomplete_character_at_the_cap_is_dropped() -> None:
+    finishes = []
+
+    async def commit(raw: str, final: str, finish: Finish) -> None:
+        finishes.append(final)
+
+    cap = Finish(FinishReason.LENGTH, Usage(), state=object())  # type: ignore[arg-type]
+    stream = Scripted([TextDelta(" 你", (1,)), TextDelta("\ufffd", ()), cap])
+    job = ReplyJob(stream, commit, lambda: None)  # type: ignore[arg-type]
+    body = b"".join([chunk async for chunk in reply_events(job)])
+    assert body == "\n\ndata:  你\n\ndata:  你".encode()
+    assert finishes == [" 你"]
+    # A replacement character in the middle of a reply is real text and is sent.
+    stream = Scripted([TextDelta(" \ufffd", (1,)), TextDelta("好", (2,)), cap])
+    job = ReplyJob(stream, commit, lambda: None)  # type: ignore[arg-type]
+    body = b"".join([chunk async for chunk in reply_events(job)])
+    assert body == "\n\ndata:  \ufffd\n\ndata:  \ufffd好\n\ndata:  \ufffd好".encode()
+
+
+async def test_rewind_index_arithmetic_of_the_ui(rp: RP) -> None:
+    """§9.4: the UI rewinds bubble k (newest first) to (bubbles - k - 1) / 2 and then shows 2i + 1
+    bubbles; over a 3-turn chat that must keep exactly the rows up to that bubble's row."""
+    me = await rp.guest()
+    c = {**me, "character_name": "星野"}
+    await rp.ok("/characters/load", c)
+    for prompt in ("一", "二", "三"):
+        await _reply(rp, c, prompt)
+    full = (await rp.ok("/characters/load", c))["chat"]
+    bubbles = [text for row in full for text in row if text]
+    assert len(bubbles) == 7
+    newest_first = bubbles[::-1]
+    for k in range(0, 7, 2):  # the bot bubbles (the UI offers rewind on them)
+        index = (len(bubbles) - k - 1) // 2
+        await rp.ok("/chat/back", {**c, "log_index": str(index)})
+        rows = (await rp.ok("/characters/load", c))["chat"]
+        assert rows == full[: index + 1]
+        shown = [text for row in rows for text in row if text]
+        assert len(shown) == 2 * index + 1 and shown[-1] == newest_first[k]
+        # Put the chat back for the next bubble.
+        for row in full[index + 1 :]:
+            await rp.ok("/chat/reply", {**c, "prompt": row[0], **GREEDY, "stream": "0"})
+        assert (await rp.ok("/characters/load", c))["chat"] == full

@@ -169,7 +169,9 @@ async def load(users: UsersDep, service: RoleplayDep, params: ParamsDep) -> Resp
 @router.post("/chat/reply", response_model=None)
 async def reply(request: Request, users: UsersDep, service: RoleplayDep, params: ParamsDep) -> Response:
     """Send `prompt`; the reply streams (or, with `stream=0`, comes as `{"reply": ...}`)."""
-    account = await _account(users, params)
+    # Only this route trims its text fields, user_name included (as the reference does).
+    user_name = params.text("user_name")
+    account = await users.authenticate(None if user_name is None else user_name.strip(), params.text("token"))
     job = await service.reply(
         account, params.text("character_name"), params.text("prompt"), _sampling(params)
     )
