@@ -29,6 +29,17 @@ KNOBS: list[dict[str, Any]] = [
     {"temperature": 1.0, "mirostat_tau": 2.0, "mirostat_eta": 0.1},
     {"temperature": 1.0, "banned_tokens": frozenset({0, 1}), "logit_bias": {5: 1.5}},
     {"temperature": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.4},
+    {"temperature": 2.0, "min_p": 0.2, "temperature_last": True},
+    {"temperature": 0.5, "top_p": 0.7, "temperature_last": True},
+    {
+        "temperature": 1.5,
+        "temperature_last": True,
+        "mirostat_tau": 2.0,
+        "mirostat_variant": "rwkv",
+        "min_p": 0.1,
+        "avoid_repeat_tokens": frozenset({3}),
+        "preceding_token": 3,
+    },
 ]
 
 
@@ -92,10 +103,12 @@ def test_vectorised_mirostat_updates_mu_like_the_cpu_path() -> None:
     # One dominant token: Mirostat keeps only it, so both paths choose it with probability 1.
     logits = torch.full((VOCAB,), -30.0)
     logits[4] = 5.0
-    cpu, vec = make(1, mirostat_tau=3.0, mirostat_eta=0.2), make(1, mirostat_tau=3.0, mirostat_eta=0.2)
-    for _ in range(5):
-        assert sample_batch([vec], [logits], vectorised=True) == [cpu.sample(logits)] == [4]
-        assert vec.mu == pytest.approx(cpu.mu)
+    for variant in ("llama", "rwkv"):
+        knobs: dict[str, Any] = {"mirostat_tau": 3.0, "mirostat_eta": 0.2, "mirostat_variant": variant}
+        cpu, vec = make(1, **knobs), make(1, **knobs)
+        for _ in range(5):
+            assert sample_batch([vec], [logits], vectorised=True) == [cpu.sample(logits)] == [4]
+            assert vec.mu == pytest.approx(cpu.mu)
 
 
 def test_vectorised_rows_fail_alone() -> None:

@@ -723,3 +723,86 @@ def test_validate_rejects(knobs: dict[str, Any], param: str) -> None:
 )
 def test_validate_accepts(knobs: dict[str, Any]) -> None:
     SamplingParams(**knobs).validate(vocab_size=8)
+
+
+# -- the role-play sampler's knobs (roleplay-compat §6.2) ----------------------------------------------
+
+
+def test_avoid_repeat_bans_the_token_just_consumed() -> None:
+    logits = logits_of([0.4, 0.3, 0.2, 0.1])
+    sampler = make(4, prompt_tokens=(7, 0), avoid_repeat_tokens=frozenset({0, 2}))
+    assert_dist(sampler.probabilities(logits), [0.0, 0.5, 1 / 3, 1 / 6])  # the prompt ended in 0
+    sampler.accept(1)  # not in the set: nothing banned
+    assert_dist(sampler.probabilities(logits), [0.4, 0.3, 0.2, 0.1])
+    sampler.accept(2)
+    assert_dist(sampler.probabilities(logits), [0.5, 0.375, 0.0, 0.125])
+
+
+def test_avoid_repeat_uses_the_preceding_token_for_an_empty_prompt() -> None:
+    logits = logits_of([0.4, 0.3, 0.2, 0.1])
+    sampler = make(4, avoid_repeat_tokens=frozenset({3}), preceding_token=3)
+    assert_dist(sampler.probabilities(logits), [4 / 9, 3 / 9, 2 / 9, 0.0])
+    assert make(4, avoid_repeat_tokens=frozenset({3})).probabilities(logits)[3] > 0
+
+
+def test_temperature_last_reshapes_only_the_survivors() -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = logits_of(probs)
+    # min-p 0.2 on the temperature-1 distribution keeps p >= 0.1: tokens 0-2; then w = p ** (1 / 2).
+    last = make(4, temperature=2.0, min_p=0.2, temperature_last=True)
+    w = [math.sqrt(p) for p in probs[:3]]
+    assert_dist(last.probabilities(logits), [x / sum(w) for x in w] + [0.0])
+    # Temperature first flattens before min-p looks, and then every token passes.
+    first = make(4, temperature=2.0, min_p=0.2)
+    assert float(first.probabilities(logits)[3]) > 0
+
+
+def test_rwkv_mirostat_keeps_min_p_and_learns_from_the_untruncated_probability() -> None:
+    logits = logits_of([0.5, 0.3, 0.15, 0.05])
+    # tau 1: mu 2 keeps p >= 0.25 (tokens 0, 1); min-p 0.7 then keeps p >= 0.35: token 0 alone.
+    rwkv = make(4, mirostat_tau=1.0, mirostat_eta=0.5, min_p=0.7, mirostat_variant="rwkv")
+    assert_dist(rwkv.probabilities(logits), [1.0, 0.0, 0.0, 0.0])
+    assert rwkv.sample(logits) == 0
+    assert rwkv.mu == pytest.approx(2.0 - 0.5 * (1.0 - 1.0))  # surprise of p = 0.5 is 1 bit
+    llama = make(4, mirostat_tau=1.0, mirostat_eta=0.5, min_p=0.7)
+    assert_dist(llama.probabilities(logits), [0.625, 0.375, 0.0, 0.0])
+
+
+def test_role_play_sampler_as_the_spec_computes_it() -> None:
+    """Section 6.2 steps 1-8 with T 2, tau 3 (mu 6 keeps p >= 1/64), min-p 0.05, presence 0.2, token 5
+    (punctuation) just consumed and token 0 (end of text) banned."""
+    raw = [3.0, 2.0, 1.0, 0.5, -1.0, 4.0]
+    logits = torch.tensor(raw)
+    sampler = make(
+        6,
+        prompt_tokens=(1, 5),
+        seed=3,
+        temperature=2.0,
+        temperature_last=True,
+        mirostat_tau=3.0,
+        mirostat_eta=0.1,
+        mirostat_variant="rwkv",
+        min_p=0.05,
+        repetition_penalty=1.2,
+        avoid_repeat_tokens=frozenset({5}),
+        banned_tokens=frozenset({0}),
+    )
+
+    def expected(z: list[float], mu: float) -> list[float]:
+        p = softmax(z)
+        kept = [pi if pi >= 2.0**-mu and pi >= 0.05 * max(p) else 0.0 for pi in p]
+        w = [math.sqrt(k) for k in kept]
+        return [x / sum(w) for x in w]
+
+    z = [NEG_INF, 2.0, 1.0, 0.5, -1.0, NEG_INF]
+    assert_dist(sampler.probabilities(logits), expected(z, 6.0))
+    token = sampler.sample(logits)
+    assert token in {1, 2, 3, 4}
+    mu = 6.0 - 0.1 * (-math.log2(softmax(z)[token]) - 3.0)
+    assert sampler.mu == pytest.approx(mu)
+    # Next step: the chosen token is penalised (positive logits / 1.2, negative ones * 1.2); token 5 is
+    # no longer the last consumed token, and the ban on token 0 stays.
+    z2 = list(raw)
+    z2[0] = NEG_INF
+    z2[token] = z2[token] / 1.2 if z2[token] > 0 else z2[token] * 1.2
+    assert_dist(sampler.probabilities(logits), expected(z2, mu))

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from rwkv_gateway.errors import InvalidParameter
 
@@ -59,6 +59,19 @@ class SamplingParams:
     #: Count prompt tokens as "seen" for the multiplicative repetition penalty.
     penalize_prompt: bool = False
     banned_tokens: frozenset[int] = frozenset()
+    #: Ban the token just consumed (the prompt's last, then each generated one) when it is one of these
+    #: (the role-play sampler's AVOID_REPEAT punctuation).
+    avoid_repeat_tokens: frozenset[int] = frozenset()
+    #: The token consumed right before this request's prompt, for `avoid_repeat_tokens` when the prompt
+    #: is empty (generation resumes from a snapshot's logits).
+    preceding_token: int | None = None
+    #: Filters (Mirostat, top-k, top-p, min-p) select on the temperature-1 distribution; temperature
+    #: then reshapes the survivors (w = q ** (1 / T)) instead of scaling logits first.
+    temperature_last: bool = False
+    #: "llama": llama.cpp's Mirostat v2 (replaces the other filters; mu learns from the chosen token's
+    #: probability after truncation). "rwkv": the RWKV role-play sampler's: min-p still applies after
+    #: the truncation and mu learns from the chosen token's untruncated probability.
+    mirostat_variant: Literal["llama", "rwkv"] = "llama"
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
 
@@ -94,6 +107,16 @@ class SamplingParams:
         for tok in self.banned_tokens:
             if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
                 raise InvalidParameter(f"banned token {tok!r} is not a token id", param="banned_tokens")
+        for tok in self.avoid_repeat_tokens:
+            if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise InvalidParameter(f"token {tok!r} is not a token id", param="avoid_repeat_tokens")
+        prev = self.preceding_token
+        if prev is not None and (
+            not _is_int(prev) or prev < 0 or (vocab_size is not None and prev >= vocab_size)
+        ):
+            raise InvalidParameter(f"token {prev!r} is not a token id", param="preceding_token")
+        if self.mirostat_variant not in ("llama", "rwkv"):
+            raise InvalidParameter("mirostat_variant must be 'llama' or 'rwkv'", param="mirostat_variant")
         for tok, bias in self.logit_bias.items():
             if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
                 raise InvalidParameter(f"logit_bias key {tok!r} is not a token id", param="logit_bias")

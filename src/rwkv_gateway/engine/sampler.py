@@ -47,6 +47,8 @@ class _Dist:
 
     weights: torch.Tensor
     ids: torch.Tensor | None
+    #: The full distribution the weights were selected from (before truncation).
+    probs: torch.Tensor
 
 
 class Sampler:
@@ -89,9 +91,13 @@ class Sampler:
         self._bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
         self._bias_vals = torch.tensor([bias[t] for t in sorted(bias)], dtype=torch.float32)
         self._ban_ids = torch.tensor(sorted(params.banned_tokens), dtype=torch.long)
+        self._avoid_repeat = params.avoid_repeat_tokens
+        self._last_token: int | None = prompt_tokens[-1] if prompt_tokens else params.preceding_token
+        self._temperature_last = params.temperature_last and params.temperature != 1.0
+        self._rwkv_mirostat = params.mirostat_variant == "rwkv"
         #: No bias, bans or penalties: the logits are used as they come.
-        self._plain = (
-            not bias and not params.banned_tokens and not self._use_counts and not self._use_repetition
+        self._plain = not (
+            bias or params.banned_tokens or self._avoid_repeat or self._use_counts or self._use_repetition
         )
         # Static index tensors are copied to the logits' device once, not once per token.
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -150,7 +156,9 @@ class Sampler:
             j, p_chosen = _draw(dist.weights.detach().to("cpu"), self._generator)
             token = j if dist.ids is None else int(dist.ids[j])
             if self._mu is not None:
-                surprise = -math.log2(p_chosen)
+                if self._rwkv_mirostat:
+                    p_chosen = float(dist.probs[token])  # untruncated (temperature 1 with temperature_last)
+                surprise = -math.log2(p_chosen) if p_chosen > 0 else math.inf
                 self._mu -= self._params.mirostat_eta * (surprise - self._tau)
         self.accept(token)
         return token
@@ -182,6 +190,7 @@ class Sampler:
             self._occurrence.add(token_id, 1.0)
         if self._use_repetition:
             self._seen.add(token_id, 0.0)
+        self._last_token = token_id
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -215,6 +224,8 @@ class Sampler:
             x.index_add_(0, bias_ids, bias_vals)
         if ban_ids.numel():
             x.index_fill_(0, ban_ids, _NEG_INF)
+        if self._last_token is not None and self._last_token in self._avoid_repeat:
+            x[self._last_token] = _NEG_INF
         p = self._params
         if self._use_counts and len(self._occurrence):
             penalty = p.presence_penalty + self._occurrence.values * p.frequency_penalty
@@ -232,8 +243,16 @@ class Sampler:
         return token
 
     def _distribution(self, x: torch.Tensor) -> _Dist:
-        """Steps 7-11 on penalised logits (not greedy)."""
-        x = x / self._params.temperature
+        """Steps 7-11 on penalised logits (not greedy); with `temperature_last` the filters select on
+        the temperature-1 distribution and the temperature reshapes what they keep."""
+        dist = self._filtered(x if self._temperature_last else x / self._params.temperature)
+        if not self._temperature_last:
+            return dist
+        # w = q ** (1 / T), taken relative to the largest weight so that small ones do not underflow.
+        w = dist.weights / dist.weights.max()
+        return _Dist(w.pow_(1.0 / self._params.temperature), dist.ids, dist.probs)
+
+    def _filtered(self, x: torch.Tensor) -> _Dist:
         top = float(x.max())
         if top == _NEG_INF:
             raise GenerationFailed("every token is banned or has -inf logit; nothing can be sampled")
@@ -244,43 +263,46 @@ class Sampler:
             # surprise -log2(p) <= mu  <=>  p >= 2**-mu: one comparison instead of a log over V. Capping
             # the threshold at the top probability always keeps the top token (ties at the top: all).
             threshold = 2.0**-self._mu if self._mu > -1000.0 else math.inf
-            keep = probs >= min(threshold, float(probs.max()))
-            return _Dist(torch.where(keep, probs, 0.0), None)
+            top_p = float(probs.max())
+            cut = min(threshold, top_p)
+            if self._rwkv_mirostat and self._min_p > 0.0:
+                cut = max(cut, self._min_p * top_p)  # min-p after the truncation (never above top_p)
+            return _Dist(torch.where(probs >= cut, probs, 0.0), None, probs)
 
         if self._top_k == 0 and self._top_p >= 1.0 and self._min_p <= 0.0:
-            return _Dist(probs, None)  # nothing to filter: no sort at all
+            return _Dist(probs, None, probs)  # nothing to filter: no sort at all
 
         if self._top_k == 0 and self._top_p >= 1.0:
             # min-p alone needs only the maximum, not an ordering.
             keep = probs >= self._min_p * probs.max()
-            return _Dist(torch.where(keep, probs, 0.0), None)
+            return _Dist(torch.where(keep, probs, 0.0), None, probs)
 
         if self._top_k:
             vals, ids = torch.topk(probs, self._top_k)
             if self._top_p < 1.0:
                 n = _nucleus_size(vals, self._top_p)
                 vals, ids = vals[:n], ids[:n]
-            return self._min_p_prefix(vals, ids)
+            return self._min_p_prefix(vals, ids, probs)
         dist, floor = _nucleus(probs, self._top_p)
         if self._min_p <= 0.0:
             return dist
         if dist.ids is not None:
-            return self._min_p_prefix(dist.weights, dist.ids)
+            return self._min_p_prefix(dist.weights, dist.ids, probs)
         # The nucleus holds every token above `floor` and none below it. Min-p keeps p >= cut: with
         # cut > floor those tokens are all in the nucleus and are the answer; otherwise every token of
         # the nucleus passes. Either way no ordering is needed.
         cut = self._min_p * probs.max()
         if float(cut) > floor:
             # threshold() keeps p > its argument in one pass (where() takes three).
-            return _Dist(torch.threshold(probs, _float32_below(float(cut)), 0.0), None)
+            return _Dist(torch.threshold(probs, _float32_below(float(cut)), 0.0), None, probs)
         return dist
 
-    def _min_p_prefix(self, vals: torch.Tensor, ids: torch.Tensor) -> _Dist:
+    def _min_p_prefix(self, vals: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> _Dist:
         """Min-p on descending `vals`: a prefix (never empty: vals[0] passes)."""
         if self._min_p > 0.0:
             n = int((vals >= self._min_p * vals[0]).sum())
             vals, ids = vals[:n], ids[:n]
-        return _Dist(vals, ids)
+        return _Dist(vals, ids, probs)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
@@ -305,11 +327,11 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
     """
     if top_p <= 0.0:
         top = int(torch.argmax(probs))  # the first maximal index: ties go to the lowest id
-        return _Dist(probs[top : top + 1], torch.tensor([top], device=probs.device)), float(probs[top])
+        return _Dist(probs[top : top + 1], torch.tensor([top], device=probs.device), probs), float(probs[top])
     if probs.shape[0] <= _NUCLEUS_SORT_VOCAB:
         vals, ids = torch.sort(probs, descending=True, stable=True)
         n = _nucleus_size(vals, top_p)
-        return _Dist(vals[:n], ids[:n]), float(vals[n - 1])
+        return _Dist(vals[:n], ids[:n], probs), float(vals[n - 1])
     if float(probs.max()) * _NUCLEUS_TRY_RATIO >= top_p:
         k = min(_NUCLEUS_FIRST_K, probs.shape[0])
         vals, ids = torch.topk(probs, k)
@@ -319,7 +341,7 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
             last, after = vals[n - 1 : n + 1].tolist()
             # A tie across the cut would leave the choice among equal tokens to topk: not by id.
             if after < last:
-                return _Dist(vals[:n], ids[:n]), last
+                return _Dist(vals[:n], ids[:n], probs), last
     return _nucleus_by_histogram(probs, top_p)
 
 
@@ -362,7 +384,7 @@ def _nucleus_by_histogram(probs: torch.Tensor, top_p: float) -> tuple[_Dist, flo
     # Every token >= floor, except those equal to it after the last one taken (ties go by id).
     weights = torch.threshold(probs, _float32_below(floor), 0.0)
     torch.threshold_(weights[int(ids[m - 1]) + 1 :], floor, 0.0)
-    return _Dist(weights, None), floor
+    return _Dist(weights, None, probs), floor
 
 
 def _indices_equal(values: torch.Tensor, value: int) -> torch.Tensor:
@@ -531,18 +553,20 @@ def _sample_vectorised(samplers: Sequence[Sampler], rows: Sequence[torch.Tensor]
     knobs = torch.tensor(
         [
             [
-                1.0 if s._greedy else s._params.temperature,
+                1.0 if s._greedy or s._temperature_last else s._params.temperature,
                 float(s._top_k or vocab),
                 s._top_p,
                 s._min_p,
                 _mirostat_threshold(s._mu),
                 0.0 if s._greedy else float(torch.rand((), generator=s._generator, dtype=torch.float64)),
+                1.0 / s._params.temperature if s._temperature_last else 1.0,
+                1.0 if s._rwkv_mirostat else 0.0,
             ]
             for s in samplers
         ],
         dtype=torch.float64,
     ).to(device)
-    temp, top_k, top_p, min_p, miro, uniform = knobs.unbind(1)
+    temp, top_k, top_p, min_p, miro, uniform, inv_temp_last, rwkv_miro = knobs.unbind(1)
     rowmax = x.amax(dim=1)
     greedy_tok = torch.argmax(x, dim=1)  # first maximal index: ties go to the lowest id
     z = x / temp.to(torch.float32).unsqueeze(1)
@@ -564,15 +588,26 @@ def _sample_vectorised(samplers: Sequence[Sampler], rows: Sequence[torch.Tensor]
     keep &= vals >= min_p.unsqueeze(1).to(torch.float32) * vals[:, :1]
     mirostat = miro >= 0
     miro_cut = torch.minimum(miro.to(torch.float32), vals[:, 0]).unsqueeze(1)
-    keep = torch.where(mirostat.unsqueeze(1), vals >= miro_cut, keep)
+    miro_keep = vals >= miro_cut
+    # The "rwkv" Mirostat keeps min-p after its truncation.
+    miro_keep &= (rwkv_miro.unsqueeze(1) == 0) | (vals >= min_p.unsqueeze(1).to(torch.float32) * vals[:, :1])
+    keep = torch.where(mirostat.unsqueeze(1), miro_keep, keep)
     keep[:, 0] = True  # the most probable token always stays
     weights = torch.where(keep, vals, 0.0)
+    # temperature_last rows: w = q ** (1 / T) relative to the top weight (others have exponent 1).
+    weights = torch.where(
+        keep, (weights / vals[:, :1]).pow(inv_temp_last.to(torch.float32).unsqueeze(1)), 0.0
+    )
     cdf = torch.cumsum(weights, dim=1, dtype=torch.float64)
     total = cdf[:, -1:]
     j = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)
     j = torch.minimum(j, keep.sum(1, keepdim=True) - 1)  # u rounded up to the total: the last kept
     sampled_tok = ids.gather(1, j).squeeze(1)
-    p_chosen = (weights.gather(1, j).double() / total).squeeze(1)
+    p_chosen = torch.where(
+        rwkv_miro > 0,
+        vals.gather(1, j).double().squeeze(1),
+        (weights.gather(1, j).double() / total).squeeze(1),
+    )
     packed = torch.stack(
         (
             greedy_tok.double(),
@@ -593,7 +628,8 @@ def _sample_vectorised(samplers: Sequence[Sampler], rows: Sequence[torch.Tensor]
             continue
         token = int(g_tok[i] if greedy[i] else s_tok[i])
         if not greedy[i] and sampler._mu is not None:
-            sampler._mu -= sampler._params.mirostat_eta * (-math.log2(p_tok[i]) - sampler._tau)
+            surprise = -math.log2(p_tok[i]) if p_tok[i] > 0 else math.inf
+            sampler._mu -= sampler._params.mirostat_eta * (surprise - sampler._tau)
         try:
             sampler.accept(token)
         except Exception as exc:
