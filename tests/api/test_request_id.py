@@ -8,10 +8,18 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from fastapi.responses import StreamingResponse
 
@@ -261,3 +269,39 @@ async def test_prompt_text_stays_out_of_the_logs(served: Served) -> None:
         logged = out.getvalue()
         assert "control line" in logged
         assert secret not in logged
+
+
+def test_live_server_writes_json_lines_with_request_ids(v7_path: Path, tmp_path: Path) -> None:
+    """`rwkv-gateway serve --log-format json`: every line on stderr is a JSON object, uvicorn's access
+    line names the request's id, and the prompt is nowhere in the log."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = [sys.executable, "-m", "rwkv_gateway"]
+    cmd = [*cli, "serve", "--model", str(v7_path), "--data-dir", str(tmp_path / "data"), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GATEWAY_")}
+    proc = subprocess.Popen(
+        [*cmd, "--log-format", "json"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    secret = "walrus-tangerine-5521"
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, "the server exited"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        chat = {"messages": [{"role": "user", "content": secret}], "max_tokens": 2, "stream": True}
+        resp = httpx.post(f"{base}{CHAT}", json=chat, headers={"X-Request-Id": "live-req-1"}, timeout=60)
+        assert resp.status_code == 200 and resp.headers["x-request-id"] == "live-req-1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert all({"ts", "level", "logger", "message", "request_id"} <= set(line) for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access" and CHAT in line["message"]]
+    assert len(access) == 1 and access[0]["request_id"] == "live-req-1"
+    assert any(line["message"].startswith("model ") and " loaded in " in line["message"] for line in lines)
+    assert secret not in err

@@ -29,7 +29,9 @@ async def metrics(request: Request) -> Response:
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if not isinstance(path, str):
+        return "unmatched"
+    return path or "/"  # a Mount at the root (a static UI) has the empty path
 
 
 class HttpMetrics:
