@@ -163,3 +163,57 @@ def keyed_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def client(server: LiveServer) -> Iterator[openai.OpenAI]:
     with server.openai() as c:
         yield c
+
+
+# ---------------------------------------------------------------------------- Baidu (qianfan SDK)
+
+
+@dataclass(frozen=True)
+class BaiduServer:
+    """A live server and the Baidu AK/SK pair its database holds (made with the CLI before it starts)."""
+
+    server: LiveServer
+    api_key: str
+    secret_key: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.contextmanager
+def baidu_live_server(model: Path, data_dir: Path, **settings: str) -> Iterator[BaiduServer]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(
+        [*CLI, "keys", "create", "--kind", "baidu", "--json", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    keys = json.loads(made.stdout)
+    assert set(keys) == {"api_key", "secret_key"}, keys
+    with live_server(model, data_dir, **settings) as srv:
+        yield BaiduServer(srv, keys["api_key"], keys["secret_key"])
+
+
+@pytest.fixture(scope="module")
+def baidu_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaiduServer]:
+    """A server with a Baidu key pair; a large max_new_tokens lets a test start an endless stream."""
+    data_dir = tmp_path_factory.mktemp("wenxin-server")
+    with baidu_live_server(v7_path, data_dir, max_new_tokens="1000000") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def baidu_busy_server(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaiduServer]:
+    """A server with a Baidu key pair, one batch slot and one queue place."""
+    with baidu_live_server(
+        v7_path,
+        tmp_path_factory.mktemp("wenxin-busy-server"),
+        queue_size="1",
+        max_batch_size="1",
+        max_new_tokens="1000000",
+    ) as srv:
+        yield srv
