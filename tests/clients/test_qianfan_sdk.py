@@ -17,15 +17,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import qianfan
+import uvicorn
 from qianfan import errors as qf_errors
+
+from rwkv_gateway.app import create_app
+from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine.sampler import Sampler
+from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
     from conftest import BaiduServer  # tests/clients/conftest.py
@@ -63,7 +76,7 @@ def srv(baidu_server: BaiduServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     return baidu_server
 
 
-def oauth_client(srv: BaiduServer, **kwargs: Any) -> qianfan.ChatCompletion:
+def oauth_client(srv: BaiduServer | InProcessServer, **kwargs: Any) -> qianfan.ChatCompletion:
     return qianfan.ChatCompletion(ak=srv.api_key, sk=srv.secret_key, **kwargs)
 
 
@@ -312,3 +325,103 @@ def test_client_disconnect_cancels_a_plain_request(srv: BaiduServer) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{srv.url}{CHAT}", params={"access_token": raw_token(srv)}, json=body, timeout=2)
     live.wait_for(lambda s: s["active_sequences"] == 0, timeout=30, what="the cancelled sequence to go")
+
+
+# ---------------------------------------------------------------------------- a failure mid-stream
+
+FAULT_PENALTY = 1.234  # marks the request the fault-injecting sampler acts on
+
+
+@dataclass(frozen=True)
+class InProcessServer:
+    url: str
+    api_key: str
+    secret_key: str
+
+
+@contextlib.contextmanager
+def in_process_server(model: Path, data_dir: Path) -> Iterator[InProcessServer]:
+    """The real app under uvicorn in a thread of this process, so a fault can be injected into its
+    engine; its key pair is made with the CLI first, as for the live servers."""
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkv_gateway",
+            "keys",
+            "create",
+            "--kind",
+            "baidu",
+            "--json",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    keys = json.loads(made.stdout)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    app = create_app(Settings(model=model, data_dir=data_dir))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield InProcessServer(url, keys["api_key"], keys["secret_key"])
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_a_failure_after_the_first_chunk_is_an_api_error_after_the_chunks(
+    v7_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FaultySampler(Sampler):  # fault injection: the 40th token of a marked request fails
+        calls = 0
+
+        def sample(self, logits):  # type: ignore[no-untyped-def]
+            if self.params.repetition_penalty == FAULT_PENALTY:
+                self.calls += 1
+                if self.calls > 40:
+                    raise RuntimeError("injected sampling fault")
+            return super().sample(logits)
+
+    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    with in_process_server(v7_path, tmp_path / "data") as srv:
+        point_sdk_at(monkeypatch, srv.url, tmp_path / "cache")
+        client = oauth_client(srv)
+        kwargs: dict[str, Any] = {"endpoint": ENDPOINT, "messages": HELLO, "top_k": 1}
+        kwargs |= {"penalty_score": FAULT_PENALTY, "max_output_tokens": 100}
+        chunks: list[dict[str, Any]] = []
+        with pytest.raises(qf_errors.APIError) as caught:
+            for chunk in client.do(stream=True, **kwargs):
+                chunks.append(chunk.body)
+        assert caught.value.error_code == 336000 and "injected sampling fault" in caught.value.error_msg
+        assert chunks and all(c["is_end"] is False for c in chunks)
+        assert [c["sentence_id"] for c in chunks] == list(range(len(chunks)))
+
+        async def stream_async() -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = []
+            with pytest.raises(qf_errors.APIError) as caught:
+                async for chunk in await client.ado(stream=True, **kwargs):
+                    got.append(chunk.body)
+            assert caught.value.error_code == 336000
+            return got
+
+        assert [c["result"] for c in asyncio.run(stream_async())] == [c["result"] for c in chunks]
+        with pytest.raises(qf_errors.APIError) as caught:
+            client.do(**kwargs)
+        assert caught.value.error_code == 336000
+        resp = client.do(endpoint=ENDPOINT, messages=HELLO, top_k=1, max_output_tokens=3)  # others are fine
+        assert resp.body["usage"]["completion_tokens"] == 3
