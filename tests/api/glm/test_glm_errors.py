@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,3 +323,23 @@ async def test_cors_is_open_on_glm_paths(served: Served, path: str) -> None:
     assert resp.headers["access-control-allow-origin"] == origin
     resp = await served.client.post(path, content=b"[]")
     assert "access-control-allow-origin" not in resp.headers
+
+
+async def test_prompt_over_max_prompt_tokens_is_400(serve: ServeFactory) -> None:
+    served = await serve(max_prompt_tokens=32)
+    body = {"prompt": "The quick brown fox jumps over the lazy dog. " * 8, "max_length": 100_000}
+    for path in CHAT_PATHS:
+        resp = await served.client.post(path, json=body)
+        detail = assert_detail(resp, 400)
+        assert detail.startswith("prompt: the prompt has ") and detail.endswith("the limit is 32")
+
+
+async def test_openapi_documents_the_glm_bodies(served: Served) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = served.app.openapi()["paths"]
+    # Other dialects' schema warnings are theirs; none may come from this one.
+    assert not [w for w in caught if "api/glm" in str(w.message)], [str(w.message) for w in caught]
+    for path, field in [("/chat", "history"), ("/chat-stream", "max_length"), ("/embedding", "prompt")]:
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in schema["properties"], schema
