@@ -8,6 +8,7 @@ UTF-8 on its own is written as `<0xHH>` per byte) with the GLM dialect's `{"deta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -39,14 +40,15 @@ _glm_errors = GLMErrors()
 __all__ = ["readable_token", "router"]
 
 
-def _glm_tokenize(request: Request, raw: bytes | None, error: GatewayError | None = None) -> Response:
+async def _glm_tokenize(request: Request, raw: bytes | BodyTooLarge) -> Response:
     """The GLM shape, with the GLM dialect's errors and CORS headers."""
     try:
-        if error is not None:
-            raise error
-        assert raw is not None
+        if isinstance(raw, BodyTooLarge):
+            raise raw
         body = parse_body(raw, GLMTokenizeRequest)
-        response: Response = JSONResponse(glm_serving.tokenize(get_engine(request), body))
+        engine = get_engine(request)
+        # A long prompt takes a while to tokenize: off the event loop.
+        response: Response = JSONResponse(await asyncio.to_thread(glm_serving.tokenize, engine, body))
     except GatewayError as exc:
         response = _glm_errors.gateway_error(exc)
     except Exception:
@@ -63,13 +65,13 @@ async def tokenize(request: Request) -> Response | dict[str, Any]:
         raw = await request.body()
     except BodyTooLarge as exc:
         # Too large to read whole, so its shape is unknown: the GLM shape is the default one.
-        return _glm_tokenize(request, None, exc)
+        return await _glm_tokenize(request, exc)
     try:
         payload = json.loads(raw)
     except ValueError:  # UnicodeDecodeError included
         payload = None
     if not wants_vllm_shape(payload):
-        return _glm_tokenize(request, raw)
+        return await _glm_tokenize(request, raw)
     try:
         engine = get_engine(request)
         settings = get_settings(request)
