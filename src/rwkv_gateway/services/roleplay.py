@@ -287,19 +287,25 @@ class RoleplayService:
         return key, snap
 
     async def _node_state(self, engine: Engine, chat: _Chat, index: int, account: Account) -> Snapshot:
-        """The snapshot after node `index`; rebuilt from the nodes' text (and stored again) if lost."""
-        node = chat.nodes[index]
-        snap = await self._get_state(engine, node.state_key)
-        if snap is not None:
-            return snap
-        if node.role == "system" or (index == 1 and node.role == "bot" and chat.nodes[0].role == "system"):
-            _, snap = await self._persona_state(engine, card_text(chat.character), account)
-            return snap
-        logger.info("rebuilding role-play state of node %s from its text", node.id)
-        previous = await self._node_state(engine, chat, index - 1, account)
-        snap = await self._feed(engine, previous, node.context_text or "", account)
-        if node.state_key is not None:
-            await self._put_state(engine, node.state_key, snap)
+        """The snapshot after node `index`. One that is missing (or was made by another model) is
+        rebuilt from the nodes' text, starting at the nearest earlier node whose snapshot exists
+        (at worst the persona state), and stored again."""
+        start = index
+        while True:
+            node = chat.nodes[start]
+            snap = await self._get_state(engine, node.state_key)
+            if snap is not None:
+                break
+            if node.role == "system" or (start == 1 and chat.nodes[0].role == "system"):
+                # The persona block (greeting line included) is the state of these two nodes.
+                _, snap = await self._persona_state(engine, card_text(chat.character), account)
+                break
+            start -= 1
+        for node in chat.nodes[start + 1 : index + 1]:
+            logger.info("rebuilding role-play state of node %s from its text", node.id)
+            snap = await self._feed(engine, snap, node.context_text or "", account)
+            if node.state_key is not None:
+                await self._put_state(engine, node.state_key, snap)
         return snap
 
     @staticmethod

@@ -12,11 +12,11 @@ import json
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from rwkv_gateway.api.roleplay.streaming import reply_events
 from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.models import User
+from rwkv_gateway.db.models import ConversationNode, User
 from rwkv_gateway.domain.types import (
     Finish,
     FinishReason,
@@ -431,3 +431,28 @@ async def test_rewind_index_arithmetic_of_the_ui(rp: RP) -> None:
         for row in full[index + 1 :]:
             await rp.ok("/chat/reply", {**c, "prompt": row[0], **GREEDY, "stream": "0"})
         assert (await rp.ok("/characters/load", c))["chat"] == full
+
+
+async def test_lost_snapshots_are_rebuilt_from_the_text(rp: RP) -> None:
+    me = await rp.guest()
+    c = {**me, "character_name": "星野"}
+    await rp.ok("/characters/load", c)
+    await _reply(rp, c, "第一句")
+    await _reply(rp, c, "第二句")
+    debug = await rp.ok("/debug/token", c)
+    async with rp.app.state.sessions() as session:
+        keys = (await session.scalars(select(ConversationNode.state_key))).all()
+    store = rp.app.state.engine.snapshots
+    for key in keys:
+        if key is not None:
+            store.delete(key)  # persona and node states alike
+    before = rp.app.state.engine.stats()["prompt_tokens"]
+    await rp.ok("/chat/resay", {**c, **GREEDY, "stream": "0"})
+    # The persona, the greeting row and the first turn were prefilled again from their text.
+    rebuilt = rp.app.state.engine.stats()["prompt_tokens"] - before
+    assert rebuilt >= debug["token_count"] - 2 * REPLY_TOKENS
+    assert (await rp.ok("/debug/token", c))["token_state"].startswith(debug["token_state"][:-20])
+    await rp.ok("/chat/back", {**c, "log_index": "1"})
+    await _reply(rp, c, "第三句")
+    chat = (await rp.ok("/characters/load", c))["chat"]
+    assert [row[0] for row in chat] == [None, "第一句", "第三句"]
