@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from rwkv_gateway.api.roleplay.streaming import reply_events
 from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.models import ConversationNode, User
+from rwkv_gateway.db.models import Character, ConversationNode, User
 from rwkv_gateway.domain.types import (
     Finish,
     FinishReason,
@@ -219,7 +219,10 @@ async def test_state_correctness_after_resay_tamper_and_back(rp: RP) -> None:
     other = await rp.guest()
     o = {**other, "character_name": "小雪"}
     await rp.ok("/characters/save", {**other, **CARD})
+    before = engine.stats()["prompt_tokens"]
     await rp.ok("/characters/load", o)
+    # Identical characters share one persona state through the state store: nothing prefilled.
+    assert engine.stats()["prompt_tokens"] == before
     assert await _reply(rp, o, "第一句") == chat[1][1]
     await _reply(rp, o, "第二句")
     await rp.ok("/chat/tamper", {**o, "message": "（点头）好的。"})
@@ -456,3 +459,25 @@ async def test_lost_snapshots_are_rebuilt_from_the_text(rp: RP) -> None:
     await _reply(rp, c, "第三句")
     chat = (await rp.ok("/characters/load", c))["chat"]
     assert [row[0] for row in chat] == [None, "第一句", "第三句"]
+
+
+async def test_editing_a_character_resets_its_chat(rp: RP) -> None:
+    me = await rp.guest()
+    c = {**me, "character_name": "小雪"}
+    await rp.ok("/characters/save", {**me, **CARD})
+    await rp.ok("/characters/load", c)
+    await _reply(rp, c, "你好")
+    await rp.ok("/characters/save", {**me, **CARD, "greeting": "新的开场白"})
+    assert (await rp.raw("/chat/reply", {**c, "prompt": "x", **GREEDY})).content == env("尚未加载角色", 400)
+    assert await rp.ok("/characters/load", c) == {"chat": [[None, "新的开场白"]]}
+    # An empty greeting gives an empty history.
+    me2 = await rp.guest()
+    await rp.ok("/characters/save", {**me2, **CARD, "greeting": "开场"})
+    async with rp.app.state.sessions() as session:
+        # The API refuses an empty greeting; an imported card may have none.
+        await session.execute(update(Character).where(Character.greeting == "开场").values(greeting=""))
+        await session.commit()
+    assert await rp.ok("/characters/load", {**me2, "character_name": "小雪"}) == {"chat": []}
+    await _reply(rp, {**me2, "character_name": "小雪"}, "你好")
+    rows = (await rp.ok("/characters/load", {**me2, "character_name": "小雪"}))["chat"]
+    assert len(rows) == 1 and rows[0][0] == "你好"
