@@ -374,6 +374,14 @@ async def test_content_limit_setting(serve: ServeFactory) -> None:
     assert_error(await wx.chat({"messages": [{"role": "user", "content": "x" * 11}]}), 336103)
 
 
+async def test_prompt_over_max_prompt_tokens_is_336103(serve: ServeFactory) -> None:
+    wx = await make_wenxin(await serve(max_prompt_tokens=16))
+    assert_ok(await wx.chat({"messages": [{"role": "user", "content": "hi"}], "max_output_tokens": 1}))
+    resp = await wx.chat({"messages": [{"role": "user", "content": "word " * 40}]})
+    message = assert_error(resp, 336103, contains="Prompt tokens too long")
+    assert "the limit is 16" in message
+
+
 async def test_boundary_values_and_unknown_fields_are_accepted(wx: Wenxin) -> None:
     body = {
         "messages": [
