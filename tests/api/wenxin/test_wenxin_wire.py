@@ -308,6 +308,13 @@ async def test_console_model_list_lookup(wx: Wenxin) -> None:
     assert isinstance(body["log_id"], str)
 
 
+async def test_openapi_documents_the_routes(wx: Wenxin) -> None:
+    resp = await wx.client.get("/openapi.json")  # filterwarnings=error: no duplicate operation ids either
+    paths = resp.json()["paths"]
+    assert set(paths["/oauth/2.0/token"]) == {"get", "post"}
+    assert set(paths[CHAT.replace("/rwkv", "/{api_name}")]) == {"post"}
+
+
 # ---------------------------------------------------------------------------- body validation
 
 BAD_BODIES: list[tuple[Any, int, str]] = [
@@ -582,6 +589,41 @@ async def test_stream_pieces_split_on_sentence_ends(wx: Wenxin, monkeypatch: pyt
     # character, "\n" is held as trailing space until text follows); the last adds what is left of 8.
     assert [e["usage"]["completion_tokens"] for e in events] == [2, 1, 2, 2, 1]
     assert events[-1]["usage"]["total_tokens"] == 11 and events[-1]["finish_reason"] == "normal"
+
+
+async def test_a_stream_that_ends_without_finishing_says_so(
+    wx: Wenxin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Truncated:  # fault injection: an engine stream that stops without its Finish event
+        prompt_token_count = 3
+
+        def __init__(self) -> None:
+            self.sent = False
+
+        def __aiter__(self) -> Truncated:
+            return self
+
+        async def __anext__(self) -> Any:
+            from rwkv_gateway.domain.types import TextDelta
+
+            if self.sent:
+                raise StopAsyncIteration
+            self.sent = True
+            return TextDelta("One.", (1,))
+
+        def cancel(self) -> None:
+            pass
+
+    async def submit(request: GenerationRequest) -> Truncated:
+        return Truncated()
+
+    monkeypatch.setattr(wx.served.app.state.engine, "submit", submit)
+    events = stream_events(await wx.chat(greedy(stream=True)))
+    assert events[0]["result"] == "One." and events[0]["is_end"] is False
+    assert events[1] == {
+        "error_code": 336000,
+        "error_msg": "Internal error: the generation ended without finishing",
+    }
 
 
 async def test_failure_after_the_first_byte_is_an_in_band_error_event(

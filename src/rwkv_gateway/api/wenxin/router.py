@@ -64,7 +64,9 @@ def _token_body(issued: IssuedTokenLike, settings: Settings) -> dict[str, Any]:
     }
 
 
-@router.api_route("/oauth/2.0/token", methods=["GET", "POST"], response_model=None)
+# Two registrations rather than one api_route, so that the two operations get their own OpenAPI ids.
+@router.get("/oauth/2.0/token", response_model=None, operation_id="wenxin_oauth_token_get")
+@router.post("/oauth/2.0/token", response_model=None, operation_id="wenxin_oauth_token")
 async def oauth_token(request: Request, credentials: CredentialsDep, settings: SettingsDep) -> JSONResponse:
     """Issue an access token for an AK/SK pair (`grant_type=client_credentials&client_id=AK&
     client_secret=SK`, in the query or a form body), or renew one (`grant_type=refresh_token`).

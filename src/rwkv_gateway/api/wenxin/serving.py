@@ -6,8 +6,10 @@ onto the engine's sampler with Baidu's defaults (temperature 0.95, top_p 0.8, pe
 multiplicative repetition penalty on generated tokens). The stream sends one `data: {json}` event per
 sentence-sized piece, `sentence_id` from 0, `is_end` on the last; `usage` in every event counts that
 event's completion tokens and a running `total_tokens`, as Baidu's documented stream does; no
-`[DONE]`. A failure after the first byte is one more `data:` event holding `{"error_code",
-"error_msg"}` (qianfan raises it as an APIError after the chunks it got), and the stream ends there.
+`[DONE]`. A failure after the first byte sends the text still held back, then one more `data:` event
+holding `{"error_code", "error_msg"}` (qianfan raises it as an APIError after the chunks it got), and
+the stream ends there. (wire-protocols.md §A.6 sends that error as a bare JSON line; the issue asks for
+`data:` lines only, and qianfan raises the same APIError for both.)
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ class ChatCompletion:
         sentence_id = 0
         pending_tokens = 0  # tokens behind the text not yet sent
         sent_tokens = 0
+        failure: GatewayError
         try:
             async for event in self.stream:
                 if isinstance(event, TextDelta):
@@ -228,8 +231,8 @@ class ChatCompletion:
                         pending_tokens = 0
                     continue
                 if event.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    yield f"data: {error_json(GenerationFailed(event.error or 'generation failed'))}\n\n"
-                    return
+                    failure = GenerationFailed(event.error or "generation failed")
+                    break
                 reason, truncated = finish_fields(event, self.client_stops)
                 total = event.usage.completion_tokens
                 usage = self._usage(max(0, total - sent_tokens), max(total, sent_tokens))
@@ -237,7 +240,17 @@ class ChatCompletion:
                     sentence_id, buffer, is_end=True, reason=reason, truncated=truncated, usage=usage
                 )
                 return
+            else:
+                # An engine stream always ends with a Finish; should one not, the client still hears why.
+                failure = GenerationFailed("the generation ended without finishing")
         except GatewayError as exc:
-            yield f"data: {error_json(exc)}\n\n"
+            failure = exc
         finally:
             self.stream.cancel()
+        if buffer:
+            # The text generated before the failure still reaches the client, then the error.
+            usage = self._usage(pending_tokens, sent_tokens + pending_tokens)
+            yield self._chunk(
+                sentence_id, buffer, is_end=False, reason="normal", truncated=False, usage=usage
+            )
+        yield f"data: {error_json(failure)}\n\n"
