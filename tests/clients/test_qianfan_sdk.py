@@ -167,6 +167,17 @@ def test_oauth_credentials_from_the_environment(
     assert resp.body["result"] == raw_greedy(baidu_server)["result"]
 
 
+def test_custom_endpoint_mode_drops_the_chat_segment(
+    baidu_server: BaiduServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # QIANFAN_USE_CUSTOM_ENDPOINT=true: the SDK appends the endpoint as given to the prefix, so "/rwkv"
+    # posts to .../wenxinworkshop/rwkv (no "/chat/").
+    point_sdk_at(monkeypatch, baidu_server.url, tmp_path / "cache", QIANFAN_USE_CUSTOM_ENDPOINT="true")
+    resp = oauth_client(baidu_server).do(endpoint="/" + ENDPOINT, messages=HELLO, **GREEDY)
+    assert resp.body["result"] == raw_greedy(baidu_server)["result"]
+    assert "/wenxinworkshop/rwkv" in resp.request.url and "/chat/" not in resp.request.url
+
+
 def test_sdk_refreshes_an_invalid_token_with_its_ak_sk(srv: BaiduServer) -> None:
     # A stale token (code 110) with AK/SK at hand: the SDK fetches a new one and retries once.
     client = oauth_client(srv, access_token="24.00000000000000000000000000000000.2592000.1.0-1")
