@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -46,6 +46,7 @@ from rwkv_gateway.domain.types import (
 )
 from rwkv_gateway.errors import GatewayError, GenerationFailed
 from rwkv_gateway.services.roleplay_prompts import (
+    AVOID_REPEAT,
     NODE_KEY_PREFIX,
     PERSONA_KEY_PREFIX,
     REPLY_STOP,
@@ -189,6 +190,8 @@ class RoleplayService:
         self._max_avatar_bytes = max_avatar_bytes
         self._guards: dict[tuple[int, str], _Guard] = {}
         self._fallback_store = _MemoryStore()
+        #: Token ids of AVOID_REPEAT in the served vocabulary (found on first use).
+        self._avoid_repeat: frozenset[int] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -553,7 +556,8 @@ class RoleplayService:
             current = await self._node_state(engine, chat, len(chat.nodes) - 1, account)
             turn_text = user_turn(card, prompt)
             pre = await self._feed(engine, current, turn_text, account)
-            stream = await engine.submit(self._reply_request(pre, sampling, account))
+            request = self._reply_request(engine, pre, turn_text, sampling, account)
+            stream = await engine.submit(request)
         except BaseException:
             self._release_reply(guard)
             raise
@@ -600,7 +604,18 @@ class RoleplayService:
 
         return ReplyJob(stream, commit, lambda: self._release_reply(guard))
 
-    def _reply_request(self, pre: Snapshot, sampling: SamplingParams, account: Account) -> GenerationRequest:
+    def _reply_request(
+        self, engine: Engine, pre: Snapshot, turn_text: str, sampling: SamplingParams, account: Account
+    ) -> GenerationRequest:
+        codec = engine.codec
+        if self._avoid_repeat is None:
+            pieces = [codec.encode(ch) for ch in AVOID_REPEAT]
+            self._avoid_repeat = frozenset(ids[0] for ids in pieces if len(ids) == 1)
+        # The reply starts from the pre-reply logits; the token consumed last is the user turn's last.
+        fed = codec.encode(turn_text)
+        sampling = replace(
+            sampling, avoid_repeat_tokens=self._avoid_repeat, preceding_token=fed[-1] if fed else None
+        )
         return GenerationRequest(
             initial_state=pre,  # the user turn is in it; the reply continues from its logits
             sampling=sampling,
@@ -632,7 +647,9 @@ class RoleplayService:
             engine = self._engine()
             user_node, bot_node = turns[-1].user, turns[-1].bot
             pre = await self._node_state(engine, chat, chat.nodes.index(user_node), account)
-            stream = await engine.submit(self._reply_request(pre, sampling, account))
+            turn_text = user_node.context_text or user_turn(card_text(chat.character), user_node.text)
+            request = self._reply_request(engine, pre, turn_text, sampling, account)
+            stream = await engine.submit(request)
         except BaseException:
             self._release_reply(guard)
             raise

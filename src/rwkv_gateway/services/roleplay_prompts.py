@@ -22,6 +22,8 @@ NODE_KEY_PREFIX = "roleplay-node:"
 EOS_TOKEN = 0
 #: A reply ends at the first blank line.
 REPLY_STOP = "\n\n"
+#: Single-token punctuation the sampler never repeats right after consuming it (§6.2 step 1b).
+AVOID_REPEAT = ".!?,()[]{}。！？，（）:："  # noqa: RUF001 (the full-width forms are meant)
 
 DEFAULT_TAU = 3.0
 DEFAULT_RATE = 0.1
@@ -104,7 +106,9 @@ def sampling_params(
 ) -> SamplingParams:
     """The role-play sampler (§6) on the shared sampler. Absent or non-finite values take the defaults.
 
-    Mirostat v2 with `tau` and `rate` (mu starts at 2*tau); `min_p` when 0 < m < 1; the presence
+    The RWKV Mirostat v2 with `tau` and `rate` (mu starts at 2*tau; truncation, then min-p, on the
+    temperature-1 distribution; the temperature then reshapes the survivors; mu learns from the chosen
+    token's untruncated probability); `min_p` when 0 < m < 1; the presence
     penalty is multiplicative (logits divided or multiplied by 1 + alpha) and counts only tokens of
     the current reply; end-of-text is banned at every step. Temperature <= 0, and tau <= 0 (which the
     reference turns into a greedy reply), are greedy. alpha <= -1 would divide by zero: default.
@@ -122,6 +126,8 @@ def sampling_params(
         mirostat_tau=None if greedy else tau_v,
         mirostat_eta=eta if eta > 0 else _TINY_RATE,
         min_p=m if 0 < m < 1 else 0.0,
+        temperature_last=True,
+        mirostat_variant="rwkv",
         repetition_penalty=1.0 + alpha,
         penalize_prompt=False,
         banned_tokens=frozenset({EOS_TOKEN}),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,13 @@ from rwkv_gateway.domain.types import (
     TextDelta,
     Usage,
 )
-from rwkv_gateway.services.roleplay_prompts import CardText, persona_block, sampling_params, user_turn
+from rwkv_gateway.services.roleplay_prompts import (
+    AVOID_REPEAT,
+    CardText,
+    persona_block,
+    sampling_params,
+    user_turn,
+)
 from rwkv_gateway.services.roleplay_types import ReplyJob
 
 if TYPE_CHECKING:
@@ -110,6 +117,35 @@ def test_sampling_mapping() -> None:
     assert sampling_params(tau=0).temperature == 0
     assert sampling_params(presence_penalty=-1).repetition_penalty == 1.2
     assert sampling_params(min_p=1).min_p == 0.0
+    # The reference's order: truncation and min-p at temperature 1, then the temperature (section 6.2).
+    assert default.temperature_last and default.mirostat_variant == "rwkv"
+
+
+async def test_replies_ban_the_punctuation_just_consumed(rp: RP, monkeypatch: Any) -> None:
+    engine = rp.app.state.engine
+    seen: list[GenerationRequest] = []
+    real_submit = engine.submit
+
+    async def spy(request: GenerationRequest) -> Any:
+        seen.append(request)
+        return await real_submit(request)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    me = await rp.guest()
+    c = {**me, "character_name": "小雪"}
+    await rp.ok("/characters/save", {**me, **CARD})
+    await rp.ok("/characters/load", c)
+    await rp.raw("/chat/reply", {**c, "prompt": "你好", **GREEDY})
+    await rp.raw("/chat/resay", {**c, **GREEDY})
+    replies = [r for r in seen if r.max_tokens > 0]
+    assert len(replies) == 2
+    colon = engine.codec.encode(":")
+    assert len(colon) == 1
+    turn = user_turn(card_text_of(CARD), "你好")
+    for request in replies:
+        assert colon[0] in request.sampling.avoid_repeat_tokens
+        assert len(request.sampling.avoid_repeat_tokens) >= 10
+        assert request.sampling.preceding_token == engine.codec.encode(turn)[-1]
 
 
 async def _expected_greedy(rp: RP, prefix_parts: list[str], max_tokens: int) -> list[str]:
@@ -124,10 +160,16 @@ async def _expected_greedy(rp: RP, prefix_parts: list[str], max_tokens: int) -> 
         )
         _, fin = await s.collect()
         state = fin.state
+    avoid = frozenset(ids[0] for ids in map(engine.codec.encode, AVOID_REPEAT) if len(ids) == 1)
+    sampling = replace(
+        sampling_params(**{k: float(v) for k, v in GREEDY.items()}),
+        avoid_repeat_tokens=avoid,
+        preceding_token=engine.codec.encode(prefix_parts[-1])[-1],
+    )
     s = await engine.submit(
         GenerationRequest(
             initial_state=state,
-            sampling=sampling_params(**{k: float(v) for k, v in GREEDY.items()}),
+            sampling=sampling,
             max_tokens=max_tokens,
             stop=("\n\n",),
             stop_on_eos=False,
