@@ -358,14 +358,16 @@ class TaskService:
     def _register(self, task: Task) -> None:
         self._tasks[task.id] = task
         self._tasks.move_to_end(task.id)
-        self._evict()
+        self._evict(keep=task.id)
 
-    def _evict(self, now: float | None = None) -> None:
-        """Drop idle temporary tasks, then the least recently used finished ones over the limits."""
-        now = time.monotonic() if now is None else now
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop idle temporary tasks, then the least recently used finished ones over the limits
+        (never `keep`, the task a caller is about to use)."""
+        now = time.monotonic()
         cfg = self.config
         for task in list(self._tasks.values()):
-            if task.kind is TaskKind.TMP and task.run is None and now - task.last_used > cfg.tmp_idle_s:
+            idle = now - task.last_used > cfg.tmp_idle_s
+            if task.kind is TaskKind.TMP and task.run is None and idle and task.id != keep:
                 self._drop(task)
         tmp = [t for t in self._tasks.values() if t.kind is TaskKind.TMP]
         persistent = [t for t in self._tasks.values() if t.kind is not TaskKind.TMP]
@@ -375,7 +377,7 @@ class TaskService:
                 if excess <= 0:
                     break
                 # Running tasks stay; persistent ones only leave RAM once their row is written.
-                if task.run is None and not task.save_lock.locked():
+                if task.run is None and not task.save_lock.locked() and task.id != keep:
                     self._drop(task)
                     excess -= 1
 
@@ -402,7 +404,8 @@ class TaskService:
                         self._register(task)
         if task is None:
             raise TaskNotFound
-        self._tasks.move_to_end(task_id)
+        if task_id in self._tasks:
+            self._tasks.move_to_end(task_id)
         task.touch()
         return task
 
@@ -440,8 +443,11 @@ class TaskService:
         task = Task(kind.prefix + uuid.uuid4().hex, kind, params)
         await self._start_run(engine, task, prompt, params, api_key_id=api_key_id)
         self._register(task)
-        if kind.persistent:
-            await self._save(engine, task)
+        try:
+            if kind.persistent:
+                await self._save(engine, task)
+        finally:
+            self._launch(engine, task)
         return task
 
     async def fork(
@@ -464,8 +470,11 @@ class TaskService:
         params = source.params.updated(overrides)
         await self._start_run(engine, child, prompt, params, api_key_id=api_key_id)
         self._register(child)
-        if kind.persistent:
-            await self._save(engine, child)
+        try:
+            if kind.persistent:
+                await self._save(engine, child)
+        finally:
+            self._launch(engine, child)
         return child
 
     async def continue_(
@@ -487,8 +496,11 @@ class TaskService:
             if task.run is not None:
                 raise TaskConflict("Task is still running; stop it or wait until it finishes")
             await self._start_run(engine, task, prompt, task.params.updated(overrides), api_key_id=api_key_id)
-        if task.kind.persistent:
-            await self._save(engine, task)
+        try:
+            if task.kind.persistent:
+                await self._save(engine, task)
+        finally:
+            self._launch(engine, task)
         return task
 
     async def stop(self, engine: Engine, task_id: str) -> Task:
@@ -606,8 +618,15 @@ class TaskService:
         self._begin(task, params, clear, TaskStatus.PREFILL if feed else TaskStatus.READY)
         run = _Run(base=state, fed=feed, stream=stream, max_tokens=params.max_tokens, api_key_id=api_key_id)
         task.run = run
-        task.runner = asyncio.create_task(self._drive(engine, task, run), name=f"task-{task.id}")
         task.notify()
+
+    def _launch(self, engine: Engine, task: Task) -> None:
+        """Start consuming the admitted run. Callers do this last, with no await before they answer,
+        so the answer shows the task as admitted (never already finished) and the row is written."""
+        if task.run is not None and task.runner is None:
+            if not task.deleted and self._tasks.get(task.id) is not task:
+                self._tasks[task.id] = task  # evicted while it was being admitted: a running task stays
+            task.runner = asyncio.create_task(self._drive(engine, task, task.run), name=f"task-{task.id}")
 
     @staticmethod
     def _begin(task: Task, params: GenParams, clear: bool, status: TaskStatus) -> None:
@@ -686,8 +705,13 @@ class TaskService:
                         task.error = finish.error or f"generation ended: {finish.reason.value}"
                         logger.warning("task %s: %s", task.id, task.error)
                 break
+        except asyncio.CancelledError:  # shutdown gave up waiting: keep what is known, then stop
+            run.stream.cancel()
+            task.state, task.pending = run.base, [*run.fed, *self._generated_ids(engine, run)]
+            raise
         except Exception:
             logger.exception("task %s failed", task.id)
+            run.stream.cancel()
             task.state, task.pending = run.base, [*run.fed, *self._generated_ids(engine, run)]
             task.error = "internal error"
         finally:
@@ -776,6 +800,7 @@ class TaskService:
                 await self._records.save(row)
             except Exception:
                 logger.exception("saving task %s failed", task.id)
+        self._evict()  # the task may leave RAM now that its row is written
 
 
 def _from_row(row: StoredTask) -> Task:

@@ -10,6 +10,7 @@ loading, 500 for failures (never an HTML page).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi.encoders import jsonable_encoder
@@ -38,4 +39,14 @@ class TaskErrors:
         return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
 
     def validation_error(self, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return JSONResponse(
+            {"detail": jsonable_encoder([_printable(e) for e in exc.errors()])}, status_code=422
+        )
+
+
+def _printable(error: Any) -> Any:
+    # A NaN or infinity (Python's json accepts them in a body) cannot be echoed back in strict JSON.
+    value = error.get("input") if isinstance(error, dict) else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return {**error, "input": str(value)}
+    return error
