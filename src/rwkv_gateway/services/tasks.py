@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol
 
-from rwkv_gateway.domain.engine import Engine, TokenStream
+from rwkv_gateway.domain.engine import Engine, TextCodec, TokenStream
 from rwkv_gateway.domain.types import (
     Finish,
     FinishReason,
@@ -213,6 +213,15 @@ class _Run:
     stop_requested: bool = False
     api_key_id: str | None = None
 
+    def generated_ids(self, codec: TextCodec) -> list[int]:
+        """Token ids of the current request's text. Deltas name the token that completed their text;
+        when a character took several tokens the earlier ones are not named, and then the text is
+        tokenized again (the same text, possibly other token boundaries)."""
+        text = "".join(self.texts)
+        if codec.decode(self.ids) == text:
+            return list(self.ids)
+        return codec.encode(text)
+
 
 class Task:
     """One task. Touched only from the event loop."""
@@ -278,12 +287,12 @@ class Task:
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
-    def resume_point(self) -> tuple[Snapshot | None, list[int]]:
+    def resume_point(self, codec: TextCodec) -> tuple[Snapshot | None, list[int]]:
         """The task's state right now: a snapshot and the tokens to feed on top of it."""
         run = self.run
         if run is None:
             return self.state, list(self.pending)
-        return run.base, [*run.fed, *run.ids]
+        return run.base, [*run.fed, *run.generated_ids(codec)]
 
     def copy_text(self, other: Task) -> None:
         self.pieces = list(other.pieces)
@@ -464,7 +473,7 @@ class TaskService:
         source = await self.get(engine, task_id)
         self._check_state(source)
         kind = TaskKind.TMP if tmp else TaskKind.TASK
-        state, pending = source.resume_point()
+        state, pending = source.resume_point(engine.codec)
         child = Task(kind.prefix + uuid.uuid4().hex, kind, source.params, state, pending)
         child.copy_text(source)
         params = source.params.updated(overrides)
@@ -525,7 +534,7 @@ class TaskService:
         if source.kind is TaskKind.TEMPLATE:
             raise TaskOperationError("Task is already a template")
         self._check_state(source)
-        state, pending = source.resume_point()
+        state, pending = source.resume_point(engine.codec)
         template = Task(TaskKind.TEMPLATE.prefix + uuid.uuid4().hex, TaskKind.TEMPLATE, source.params, state)
         template.pending = pending
         template.copy_text(source)
@@ -700,19 +709,19 @@ class TaskService:
                 else:
                     # Cancelled (stop, delete, shutdown), timed out or failed: the engine kept no state,
                     # so the tokens generated on top of the last snapshot are fed at the next run.
-                    task.state, task.pending = run.base, [*run.fed, *self._generated_ids(engine, run)]
+                    task.state, task.pending = run.base, [*run.fed, *run.generated_ids(engine.codec)]
                     if finish.reason is not FinishReason.CANCELLED:
                         task.error = finish.error or f"generation ended: {finish.reason.value}"
                         logger.warning("task %s: %s", task.id, task.error)
                 break
         except asyncio.CancelledError:  # shutdown gave up waiting: keep what is known, then stop
             run.stream.cancel()
-            task.state, task.pending = run.base, [*run.fed, *self._generated_ids(engine, run)]
+            task.state, task.pending = run.base, [*run.fed, *run.generated_ids(engine.codec)]
             raise
         except Exception:
             logger.exception("task %s failed", task.id)
             run.stream.cancel()
-            task.state, task.pending = run.base, [*run.fed, *self._generated_ids(engine, run)]
+            task.state, task.pending = run.base, [*run.fed, *run.generated_ids(engine.codec)]
             task.error = "internal error"
         finally:
             task.status = TaskStatus.FINISHED
@@ -729,16 +738,6 @@ class TaskService:
         run.texts.append(delta.text)
         task.pieces.append(delta.text)
         task.generated += len(delta.token_ids)
-
-    @staticmethod
-    def _generated_ids(engine: Engine, run: _Run) -> list[int]:
-        """Token ids of the current request's text. Deltas name the token that completed their text;
-        when a character took several tokens the earlier ones are not named, and then the text is
-        tokenized again (the same text, possibly other token boundaries)."""
-        text = "".join(run.texts)
-        if engine.codec.decode(run.ids) == text:
-            return list(run.ids)
-        return engine.codec.encode(text)
 
     async def _next_segment(self, engine: Engine, task: Task, run: _Run, state: Snapshot, left: int) -> bool:
         """Chain the next engine request of a run longer than the engine's max_tokens."""
@@ -768,7 +767,7 @@ class TaskService:
             if task.deleted:
                 return
             # While a run goes on, the resume point is its start plus what it has fed and generated.
-            state, pending = task.resume_point()
+            state, pending = task.resume_point(engine.codec)
             store = engine.snapshots
             key: str | None = None
             try:
