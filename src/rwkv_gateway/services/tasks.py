@@ -212,6 +212,8 @@ class _Run:
     texts: list[str] = field(default_factory=list)
     stop_requested: bool = False
     api_key_id: str | None = None
+    #: When the run was admitted (its prefill time counts from here).
+    submitted: float = field(default_factory=time.monotonic)
 
     def generated_ids(self, codec: TextCodec) -> list[int]:
         """Token ids of the current request's text. Deltas name the token that completed their text;
@@ -671,7 +673,7 @@ class TaskService:
 
     async def _drive(self, engine: Engine, task: Task, run: _Run) -> None:
         """Consume the run's engine stream(s) into the task; record the outcome when it ends."""
-        submitted = time.monotonic()
+        submitted = run.submitted
         gen_started: float | None = None
         gen_before = task.gen_time
         generated_before = task.generated
@@ -755,6 +757,8 @@ class TaskService:
                 task.error = exc.message
                 return False
             run.base, run.fed, run.ids, run.texts = state, [], [], []
+            if run.stop_requested:  # stopped while this request was being admitted
+                run.stream.cancel()
             return True
         return False
 
