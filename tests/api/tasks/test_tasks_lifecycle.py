@@ -275,3 +275,31 @@ async def test_a_dropped_subscriber_stops_nothing(served: Served) -> None:
     await anext(events)
     await events.aclose()
     assert len((await wait_finished(served.client, task_id))["result"]) > 0 and len(task.pieces) == 40
+
+
+async def test_status_one_while_waiting_to_generate_with_nothing_to_prefill(serve: Any) -> None:
+    served = await serve(max_batch_size=1)
+    client = served.client
+    waiting, _ = await generate(client, prompt=PROMPT, max_tokens=2, **GREEDY)
+    running = await create(client, prompt=PROMPT, max_tokens=4000)
+    await wait_status(client, running, 2)
+    await post(served, f"/v1/tasks/{waiting}/continue", max_tokens=2)
+    assert (await client.get(f"/v1/tasks/{waiting}/status")).json()["status"] == 1
+    await post(served, f"/v1/tasks/{running}/stop")
+    done = await wait_finished(client, waiting)
+    _, straight = await generate(client, prompt=PROMPT, max_tokens=4, **GREEDY)
+    assert done["result"] == straight
+
+
+async def test_tasks_share_the_engine_with_other_dialects(served: Served) -> None:
+    client = served.client
+    running = await create(client, prompt=PROMPT, max_tokens=4000)
+    await wait_status(client, running, 2)
+    resp = await client.post(
+        "/v1/completions", json={"model": served.app.state.engine.info.name, "prompt": "Hi", "max_tokens": 3}
+    )
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+    # The completion was generated in the same batches while the task kept running.
+    assert (await client.get(f"/v1/tasks/{running}/status")).json()["status"] == 2
+    assert served.app.state.engine.stats()["active_sequences"] == 1
+    await post(served, f"/v1/tasks/{running}/stop")
