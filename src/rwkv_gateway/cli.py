@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
@@ -20,6 +21,8 @@ from rwkv_gateway.errors import GatewayError
 from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from rwkv_gateway.services.credentials import CredentialKind, CredentialService
     from rwkv_gateway.services.users import UserService
 
@@ -74,14 +77,62 @@ def _setup_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
     configure_logging(level, fmt)
 
 
+#: After the drain deadline ends the engine's streams, how long their connections get to write the
+#: in-band error and terminator before uvicorn cancels what is left.
+DRAIN_GRACE_S = 5.0
+
+
 def _graceful_server_class() -> type:
     import signal
+    import types
 
     import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from rwkv_gateway.app import end_generation
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would die
+        """Drain on SIGTERM/SIGINT: readiness turns 503 at once (`app.state.draining`), uvicorn stops
+        accepting and waits for the open connections; at `drain_timeout_s` whatever still generates is
+        ended in-band (`end_generation`), then the lifespan tears down (Task API runs record their
+        state, the engine stops, the database closes) and the process exits 0.
+
+        uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would die
         of the signal (exit -15). SIGTERM is how orchestrators ask for a normal stop: exit 0 instead."""
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            # Before the main loop's next tick closes the sockets: a probe on a kept-alive connection
+            # already sees 503.
+            cast("FastAPI", self.config.app).state.draining = True
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            app = cast("FastAPI", self.config.app)
+            app.state.draining = True
+            settings: Settings = app.state.settings
+
+            async def deadline() -> None:
+                await asyncio.sleep(settings.drain_timeout_s)
+                await end_generation(app)
+                # A stream that still has not ended (it waits on something other than the engine)
+                # is closed by sse-starlette before uvicorn cancels it outright.
+                await asyncio.sleep(DRAIN_GRACE_S / 2)
+                AppStatus.should_exit = True
+
+            timer = asyncio.create_task(deadline(), name="drain-deadline")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if not timer.done():
+                    timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
+
+        def run(self, sockets: list[Any] | None = None) -> None:
+            # sse-starlette would otherwise end every SSE stream the moment the signal arrives, cutting
+            # the in-flight streams the drain exists to let finish; the deadline above ends them.
+            AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+            super().run(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -145,7 +196,13 @@ def serve(
         _fail(exc.message)
     fastapi_app = create_app(settings)
     config = uvicorn.Config(
-        fastapi_app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None
+        fastapi_app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        # In-flight connections get the drain time, then the grace for their in-band ending.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + DRAIN_GRACE_S),
     )
     server = _graceful_server_class()(config)
 

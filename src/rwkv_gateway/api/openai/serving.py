@@ -30,7 +30,7 @@ from rwkv_gateway.api.openai.schemas import (
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
+from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound, NotReady
 from rwkv_gateway.settings import Settings
 
 FINGERPRINT = "fp_rwkv"
@@ -225,6 +225,8 @@ async def collect_all(admitted: Admitted) -> tuple[list[str], list[Finish]]:
     for finish in done:
         if finish.reason is FinishReason.ERROR:
             raise GenerationFailed(finish.error or "generation failed")
+        if finish.reason is FinishReason.CANCELLED and finish.error:
+            raise NotReady(finish.error)  # the server ended it (shutting down), not the client
     return texts, done
 
 
@@ -305,6 +307,12 @@ class _Completion:
                     continue
                 if event.reason is FinishReason.ERROR:
                     yield stream_error_event(GenerationFailed(event.error or "generation failed"))
+                    yield DONE
+                    return
+                if event.reason is FinishReason.CANCELLED and event.error:
+                    # Ended by the server (the drain deadline passed), so the client is still there
+                    # and must learn the reply is cut short.
+                    yield stream_error_event(NotReady(event.error))
                     yield DONE
                     return
                 completion += event.usage.completion_tokens
