@@ -147,6 +147,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db_engine.dispose()
 
 
+async def end_generation(app: FastAPI) -> None:
+    """The drain deadline (SIGTERM, `drain_timeout_s`) has passed: end what still generates. Task API
+    runs stop and record their state, then the engine ends every waiting and running stream as
+    cancelled ("server shutting down"), so each dialect still writes its in-band error and its
+    terminator before the connection closes. The lifespan's own tear-down runs afterwards as usual."""
+    app.state.draining = True
+    tasks: TaskService | None = getattr(app.state, "tasks", None)
+    if tasks is not None:
+        await tasks.aclose()
+    engine: Scheduler | None = getattr(app.state, "engine", None)
+    if engine is not None:
+        logger.warning("drain timeout passed: ending the requests still running")
+        await engine.aclose()
+
+
 def get_engine_of(app: FastAPI) -> Engine:
     """The loaded engine, or NotReady (for services that reach the engine outside a request)."""
     engine: Engine | None = getattr(app.state, "engine", None)
