@@ -9,10 +9,19 @@ and schemathesis tests in tests/api/ record theirs the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
-from live import kill_leftovers
+from live import App, AppFactory, kill_leftovers
+
+from rwkv_gateway.app import create_app
+from rwkv_gateway.settings import Settings
 
 FIGURE = "figure"
 
@@ -33,6 +42,26 @@ def figure(record_property: Callable[[str, object], None]) -> Callable[[str], No
         record_property(FIGURE, line)
 
     return record
+
+
+@pytest.fixture
+async def app_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[AppFactory]:
+    """`await app_factory(**settings)`: an in-process app over ASGITransport, shut down at the end."""
+    counter = itertools.count()
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> App:
+            settings = Settings(model=v7_path, data_dir=tmp_path / f"data{next(counter)}", **overrides)
+            app = create_app(settings)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            await asyncio.wait_for(app.state.model_ready.wait(), 60)
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
+            )
+            return App(app, client, settings)
+
+        yield start
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

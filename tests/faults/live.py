@@ -13,15 +13,31 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+from fastapi import FastAPI
+
+from rwkv_gateway.settings import Settings
 
 CLI = [sys.executable, "-m", "rwkv_gateway"]
 _JS_SAFE = "-_.!~*'()"
+
+
+@dataclass(slots=True)
+class App:
+    """A started app (real lifespan, engine on the tiny v7 checkpoint, SQLite) and a client on it."""
+
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: Settings
+
+
+AppFactory = Callable[..., Awaitable[App]]
 
 
 def free_port() -> int:
