@@ -524,11 +524,21 @@ def sample_batch(
         except Exception as exc:  # a shape or device problem: fall back to finding the row it is in
             logging.getLogger(__name__).warning("vectorised sampling failed (%s); sampling row by row", exc)
     out: list[int | Exception] = []
-    for sampler, row in zip(samplers, rows, strict=True):
-        try:
-            out.append(sampler.sample(row))
-        except Exception as exc:
-            out.append(exc)
+    # Vectors of a vocabulary's size are too small for intra-op parallelism to pay: with two threads
+    # every op waits on a barrier, which costs a few times the op itself on an idle CPU and up to 10x
+    # more when another process holds a core. Matmuls in the forward keep the configured threads.
+    threads = torch.get_num_threads()
+    if threads > 1 and rows[0].device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for sampler, row in zip(samplers, rows, strict=True):
+            try:
+                out.append(sampler.sample(row))
+            except Exception as exc:
+                out.append(exc)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     return out
 
 
