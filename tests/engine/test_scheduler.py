@@ -350,3 +350,17 @@ async def test_live_state_budget_limits_running_sequences(
         await sched.aclose()
     with pytest.raises(ConfigError, match="holds no sequence"):
         Scheduler(v7_backend, tokenizer, EngineConfig(live_state_bytes=per_state))
+
+
+async def test_text_deltas_carry_every_sampled_token(engine: Scheduler, tokenizer: Tokenizer) -> None:
+    stream = await engine.submit(GenerationRequest(prompt=PROMPT, sampling=GREEDY, max_tokens=40))
+    ids: list[int] = []
+    text = ""
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            ids += event.token_ids
+            text += event.text
+            assert tokenizer.decode(list(event.token_ids)) == event.text
+        else:
+            assert event.usage.completion_tokens == len(ids)
+    assert tokenizer.decode(ids) == text

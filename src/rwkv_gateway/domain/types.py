@@ -184,7 +184,9 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text (always whole characters) and the token ids that produced it."""
+    """New text (always whole characters) and the token ids sampled since the previous delta (a
+    character split over several tokens comes with all of them; text a stop string swallowed leaves
+    its tokens to the next delta)."""
 
     text: str
     token_ids: tuple[int, ...]

@@ -147,6 +147,8 @@ class _Sequence:
     first_token_at: float | None = None
     #: A sampled token not yet fed to the model (the next decode step feeds it).
     last_token: int | None = None
+    #: Sampled tokens whose text has not gone out yet (held by the decoder or the stop matcher).
+    unsent_ids: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     done: bool = False
     #: Finished, but the final state must still absorb `last_token` before it is captured.
@@ -596,9 +598,12 @@ class Scheduler:
             self._finish(seq, FinishReason.STOP, stop_matched=token)
             return
         seq.last_token = token
+        seq.unsent_ids.append(token)
         text, matched = seq.stopper.push(seq.decoder.push(token))
         if text:
-            seq.events.append(TextDelta(text, (token,)))
+            # Every token since the last delta: a character split over tokens comes with all of them.
+            seq.events.append(TextDelta(text, tuple(seq.unsent_ids)))
+            seq.unsent_ids.clear()
             seq.text_parts.append(text)
         if matched is not None:
             self._finish(seq, FinishReason.STOP, stop_matched=matched)
@@ -627,7 +632,8 @@ class Scheduler:
             else:
                 reason, stop_matched = FinishReason.STOP, matched
             if tail:
-                seq.events.append(TextDelta(tail, ()))
+                seq.events.append(TextDelta(tail, tuple(seq.unsent_ids)))
+                seq.unsent_ids.clear()
                 seq.text_parts.append(tail)
         finish = Finish(
             reason=reason,
