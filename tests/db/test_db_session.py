@@ -55,7 +55,7 @@ async def test_pragmas_on_a_fresh_connection(tmp_path: Path) -> None:
     try:
         assert await pragma(engine, "journal_mode") == "wal"
         assert await pragma(engine, "foreign_keys") == 1
-        assert await pragma(engine, "busy_timeout") == 10_000
+        assert await pragma(engine, "busy_timeout") == 30_000
         assert await pragma(engine, "synchronous") == 1  # NORMAL
     finally:
         await engine.dispose()

@@ -5,6 +5,7 @@ state file reads back, the SQLite database passes its integrity check, and no te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -40,7 +41,7 @@ def check_disk(data_dir: Path) -> int:
     files = list(states.rglob("*.state"))
     for path in files:
         load_snapshot(path)  # raises StateMismatch on a torn or corrupt file
-    with sqlite3.connect(data_dir / "gateway.db") as db:
+    with contextlib.closing(sqlite3.connect(data_dir / "gateway.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     return len(files)
 

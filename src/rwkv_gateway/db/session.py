@@ -2,8 +2,15 @@
 
 For SQLite every new connection gets WAL journaling (readers never block the writer), a busy
 timeout (a writer waits for the lock instead of failing at once), foreign keys on (SQLite ignores
-`ON DELETE CASCADE` without it) and `synchronous=NORMAL` (safe with WAL, far fewer fsyncs). Other
-async URLs such as `postgresql+asyncpg://` are passed to SQLAlchemy unchanged.
+`ON DELETE CASCADE` without it) and `synchronous=NORMAL` (safe with WAL, far fewer fsyncs).
+
+The services' sessions (`make_session_factory`) begin with `BEGIN IMMEDIATE`: a deferred transaction
+that reads and then writes cannot wait for the write lock (its snapshot may be stale), so SQLite
+fails it at once with "database is locked" whatever the busy timeout; taking the lock at BEGIN makes
+concurrent writers queue on the busy timeout instead. Plain connections from the engine keep a
+deferred BEGIN, and WAL readers never block. So a task must not hold one session's transaction
+while it begins another's (it would wait on itself). Other async URLs such as
+`postgresql+asyncpg://` are passed to SQLAlchemy unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUSY_TIMEOUT_MS = 10_000
+#: Writers queue on the lock (see BEGIN IMMEDIATE above): long enough for a burst of hundreds.
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
 
 def is_sqlite(url: str | URL) -> bool:
@@ -58,18 +66,37 @@ def _sqlite_pragmas(busy_timeout_ms: int, foreign_keys: bool) -> Any:
     return on_connect
 
 
+#: Execution option naming how a SQLite transaction begins ("IMMEDIATE" for the services' sessions).
+BEGIN_OPTION = "rwkv_sqlite_begin"
+
+
+def _begin_immediate(sync_engine: Any) -> None:
+    # The driver opens transactions lazily with a plain (deferred) BEGIN; hand BEGIN to SQLAlchemy.
+    def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:  # noqa: ARG001
+        dbapi_connection.isolation_level = None
+
+    def on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get(BEGIN_OPTION, "")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+    event.listen(sync_engine, "connect", on_connect)
+    event.listen(sync_engine, "begin", on_begin)
+
+
 def create_db_engine(
     url: str,
     *,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     foreign_keys: bool = True,
+    begin_immediate: bool = True,
     echo: bool = False,
     **kwargs: Any,
 ) -> AsyncEngine:
     """An async engine for `url`; for a SQLite file, its directory is created and the pragmas set.
 
     `foreign_keys=False` is for migrations only: SQLite's batch mode drops and recreates tables, and
-    with enforcement on, dropping a parent table would cascade-delete its children's rows. Extra
+    with enforcement on, dropping a parent table would cascade-delete its children's rows.
+    `begin_immediate=False` leaves BEGIN to the caller (the migrations emit their own). Extra
     keyword arguments go to `create_async_engine` (pool sizes for PostgreSQL, for example). The
     caller owns the engine and must `await engine.dispose()` when done.
     """
@@ -81,10 +108,14 @@ def create_db_engine(
         # Pragmas are per connection, so they go on the pool's "connect" event, which runs once for
         # each new DBAPI connection (the async engine's pool lives on its sync engine).
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout_ms, foreign_keys))
+        if begin_immediate:
+            _begin_immediate(engine.sync_engine)
         logger.debug("SQLite database at %s", path or "(memory)")
     return engine
 
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions that keep loaded attributes after commit, so results stay usable once a short session ends."""
-    return async_sessionmaker(engine, expire_on_commit=False)
+    """Sessions that keep loaded attributes after commit, so results stay usable once a short session
+    ends; on SQLite they begin IMMEDIATE (see the module docstring)."""
+    bind = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) if is_sqlite(engine.url) else engine
+    return async_sessionmaker(bind, expire_on_commit=False)

@@ -94,7 +94,7 @@ def _transactional_sqlite(sync_engine: Any) -> None:
 
 async def run_migrations_online() -> None:
     url = _url()
-    engine = create_db_engine(url, foreign_keys=False, poolclass=NullPool)
+    engine = create_db_engine(url, foreign_keys=False, begin_immediate=False, poolclass=NullPool)
     if is_sqlite(url):
         _transactional_sqlite(engine.sync_engine)
     try:
