@@ -68,7 +68,7 @@ async def tokenize(request: Request) -> Response | dict[str, Any]:
         return await _glm_tokenize(request, exc)
     try:
         payload = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nested too deep
         payload = None
     if not wants_vllm_shape(payload):
         return await _glm_tokenize(request, raw)

@@ -71,7 +71,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     """The body as JSON whatever its Content-Type, validated into `model` (400 naming the field)."""
     try:
         payload = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nested too deep
         raise InvalidParameter("not valid JSON", param="body") from None
     if not isinstance(payload, dict):
         raise InvalidParameter("expected a JSON object", param="body")

@@ -150,7 +150,7 @@ async def read_params(request: Request, *, max_part_bytes: int) -> Params:
         raw = await request.body()
         try:
             parsed = json.loads(raw) if raw.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             parsed = None
         if isinstance(parsed, dict):
             body = parsed
