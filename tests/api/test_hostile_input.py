@@ -6,6 +6,8 @@ row, no state file, no character. SQL-like strings are data: stored verbatim whe
 them, and the tables are intact afterwards.
 """
 
+# ruff: noqa: RUF001  (the role-play messages use full-width punctuation)
+
 from __future__ import annotations
 
 import contextlib
@@ -307,4 +309,101 @@ async def test_roleplay_hostile_names_are_refused_and_sql_is_data(
         "figure",
         f"hostile role-play input: {refused} hostile names/bodies, {refused} refused in the envelope, "
         "0 stored; SQL-like name stored verbatim, tables intact",
+    )
+
+
+# ---------------------------------------------------------------------------- who may do what
+#
+# Already covered elsewhere (not repeated here), under tests/:
+#   token replay after re-login (one route)   api/roleplay/test_roleplay_wire.py
+#                                             ::test_login_messages_in_order
+#   isolation on get/reply/debug/del/list     api/roleplay/test_roleplay_chat.py
+#                                             ::test_users_cannot_see_each_other
+#   idle guests removed with their data       api/roleplay/test_roleplay_chat.py::test_idle_guests_are_removed
+#   Baidu signature outside its time window   api/wenxin/test_wenxin_wire.py ("stale timestamp"),
+#                                             api/wenxin/test_wenxin_signature.py::test_time_window
+#   Baidu revoked AK/SK and access tokens     api/wenxin/test_wenxin_wire.py
+#                                             ::test_revoked_iam_credentials_are_refused,
+#                                             ::test_missing_unknown_expired_and_revoked_tokens
+#   OpenAI key revocation (service, CLI)      unit/test_credentials.py::test_revoke_openai_key, test_cli_keys.py
+
+ROLEPLAY_ROUTES: dict[str, dict[str, str]] = {
+    "/characters/list": {},
+    "/characters/get": {"character_name": "小雪"},
+    "/characters/save": {**CARD, "bot": "小雪", "greeting": "被改了"},
+    "/characters/del": {"character_name": "小雪"},
+    "/characters/load": {"character_name": "小雪"},
+    "/chat/reply": {"character_name": "小雪", "prompt": "偷看", "temperature": "0"},
+    "/chat/resay": {"character_name": "小雪", "temperature": "0"},
+    "/chat/reset": {"character_name": "小雪"},
+    "/chat/back": {"character_name": "小雪", "log_index": "0"},
+    "/chat/tamper": {"character_name": "小雪", "message": "被改了"},
+    "/debug/token": {"character_name": "小雪"},
+    "/characters/export": {"character_name": "小雪", "format": "json"},
+    "/characters/import": {
+        "card": json.dumps({"spec": "chara_card_v2", "data": {"name": "小雪", "first_mes": "被改了"}})
+    },
+}
+STALE = {"data": None, "message": "token失效，请重新登录", "code": 403}
+
+
+async def test_every_roleplay_route_refuses_other_users_and_replayed_tokens(
+    serve: ServeFactory, record_property: Callable[[str, object], None]
+) -> None:
+    served = await serve(roleplay_max_reply_tokens=4)
+    c = served.client
+    users = served.app.state.roleplay_users
+    await users.add("anna", "pw-anna-1")
+    await users.add("ben", "pw-ben-12")
+
+    async def login(name: str, password: str) -> dict[str, str]:
+        data = envelope(
+            await c.post("/login", **form({"user_name": name, "password": password, "token": "null"}))
+        )
+        return {"user_name": data["data"]["user_name"], "token": data["data"]["token"]}
+
+    old_anna = await login("anna", "pw-anna-1")
+    anna = await login("anna", "pw-anna-1")  # the first token is now a replay
+    ben = await login("ben", "pw-ben-12")
+    assert envelope(await c.post("/characters/save", **form({**anna, **CARD, "bot": "小雪"})))["code"] == 200
+    mine = {**anna, "character_name": "小雪"}
+    envelope(await c.post("/characters/load", **form(mine)))
+    await c.post("/chat/reply", **form({**mine, "prompt": "秘密", "temperature": "0", "stream": "0"}))
+    card = envelope(await c.post("/characters/get", **form(mine)))["data"]
+    chat = envelope(await c.post("/characters/load", **form(mine)))["data"]
+    refused = 0
+    for path, fields in ROLEPLAY_ROUTES.items():
+        # Ben's token under Anna's name, and Anna's replayed token: refused before anything happens.
+        for creds in ({"user_name": "anna", "token": ben["token"]}, old_anna):
+            resp = await c.post(path, **form({**creds, **fields}))
+            assert json.loads(resp.content) == STALE, (path, creds, resp.content[:200])
+            refused += 1
+        # Ben on his own account, naming Anna's character: only ever his own store.
+        await c.post(path, **form({**ben, **fields}))
+    assert envelope(await c.post("/characters/get", **form(mine)))["data"] == card
+    assert envelope(await c.post("/characters/load", **form(mine)))["data"] == chat
+    assert chat["chat"][-1][0] == "秘密"
+
+    # OpenAI keys: a revoked key is refused on the OpenAI and the Task API routes at once.
+    created = await served.app.state.credentials.create("openai", "to-revoke")
+    served.app.state.openai_keys_cache = None  # the short cache of "are there keys?"
+    auth = {"authorization": f"Bearer {created.api_key}"}
+    assert (await c.get("/v1/models", headers=auth)).status_code == 200
+    assert (await c.get("/v1/tasks/list", headers=auth)).status_code == 200
+    assert await served.app.state.credentials.revoke(created.api_key)
+    resp = await c.get("/v1/models", headers=auth)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", resp.text
+    resp = await c.post(
+        "/v1/chat/completions",
+        headers=auth,
+        json={"model": served.model, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert resp.status_code == 401, resp.text
+    resp = await c.get("/v1/tasks/list", headers=auth)
+    assert (resp.status_code, resp.json()) == (401, {"detail": "Incorrect API key provided."})
+    refused += 3
+    record_property(
+        "figure",
+        f"authorization: {len(ROLEPLAY_ROUTES)} role-play routes x (other user's token, replayed token) "
+        f"and a revoked OpenAI key: {refused} refused, other user's data untouched",
     )
