@@ -325,7 +325,8 @@ async def test_roleplay_hostile_names_are_refused_and_sql_is_data(
 #   Baidu revoked AK/SK and access tokens     api/wenxin/test_wenxin_wire.py
 #                                             ::test_revoked_iam_credentials_are_refused,
 #                                             ::test_missing_unknown_expired_and_revoked_tokens
-#   OpenAI key revocation (service, CLI)      unit/test_credentials.py::test_revoke_openai_key, test_cli_keys.py
+#   OpenAI key revocation (service, CLI)      unit/test_credentials.py::test_revoke_openai_key,
+#                                             test_cli_keys.py
 
 ROLEPLAY_ROUTES: dict[str, dict[str, str]] = {
     "/characters/list": {},
