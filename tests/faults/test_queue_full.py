@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from live import CARD, GREEDY, form
+from live import CARD, GREEDY, AppFactory, form
 
-from conftest import AppFactory
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
 from rwkv_gateway.engine import scheduler as scheduler_mod
 from rwkv_gateway.engine.sampler import Sampler
