@@ -381,3 +381,18 @@ def test_cuda_matches_the_cpu_package(
         live = list(states)
     # A GPU state's snapshot restores into the CPU package backend.
     v7_backend.restore(new.capture(states[1], 1))
+
+
+def test_both_projection_forms_agree_and_calibration_picks_small_row_counts(
+    batched: BatchedRwkv7Backend,
+) -> None:
+    from rwkv_gateway.engine.backend_batched_v7 import _calibrate, _project
+
+    weight = batched._layers[0].ffn_key
+    every = frozenset({1, 2, 4, 8, 16, 32})
+    for rows in (1, 2, 3, 5, 16, 31, 64, 130):
+        x = torch.randn(rows, weight.shape[1])
+        assert torch.allclose(_project(x, weight, every), _project(x, weight, frozenset()), atol=1e-4)
+    picked = _calibrate(weight)
+    assert picked <= every
+    assert _calibrate(weight.to(torch.bfloat16)) == frozenset()  # only CPU fp32 has the choice

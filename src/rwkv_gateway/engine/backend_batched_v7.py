@@ -12,6 +12,7 @@ the other. The math mirrors `RWKV_x070_TMix_one/_seq` and `RWKV_x070_CMix_one/_s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,25 +102,52 @@ def _batch_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(rows))
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` for a large [out, in] weight, computed as W @ x^T on CPU fp32.
+def _project(x: torch.Tensor, weight: torch.Tensor, transposed_rows: frozenset[int]) -> torch.Tensor:
+    """`F.linear(x, weight)` for a large [out, in] weight, or the same product taken as W @ x^T when
+    the row count is in `transposed_rows` (CPU fp32 only; see `_calibrate`).
 
-    torch's CPU fp32 `linear` (x @ W^T, MKL) is several times slower for a handful of rows than the
-    same product taken as W @ x^T, and one row goes to a slow matrix-vector kernel either way. Measured
-    on the 2-core AMD EPYC this was written on, 12x768 model, decode tok/s at B=1/2/4/16: 21/24/49/156
-    with `linear`, 38/69/102/185 with W @ x^T (one row duplicated into two columns); from B=64 and for
-    512-token prompts the two are alike. Other devices and dtypes (oneDNN for bf16) keep `linear`.
+    Which is faster for a handful of rows depends on the processor and its BLAS: on a 2-core AMD EPYC
+    (12x768 model, decode tok/s at B=1/2/4/16) `linear` gave 21/24/49/156 and W @ x^T 38/69/102/185; on
+    a 2-core AVX-512 Xeon `linear` is twice as fast for one row and W @ x^T only wins around 16 rows.
+    One row goes to a slow matrix-vector kernel in W @ x^T, so it is duplicated into two columns.
     """
-    if x.device.type != "cpu" or weight.dtype != torch.float32:
-        return F.linear(x, weight)
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] >= _LINEAR_ROWS:
-        return F.linear(x, weight)  # same speed, and its result needs no transposing copy
-    if x2.shape[0] == 1:
-        y = torch.mm(weight, torch.cat((x2, x2)).t())[:, :1].t()
-    else:
-        y = torch.mm(weight, x2.t()).t()
+    rows = x2.shape[0]
+    if not transposed_rows or _row_bucket(rows) not in transposed_rows:
+        return F.linear(x, weight)
+    cols = torch.cat((x2, x2)) if rows == 1 else x2
+    y = torch.mm(weight, cols.t())[:, :rows].t()
     return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _row_bucket(rows: int) -> int:
+    """The power of two at or above `rows` (the row counts `_calibrate` measures)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def _calibrate(weight: torch.Tensor) -> frozenset[int]:
+    """Row counts below `_LINEAR_ROWS` at which W @ x^T beats `F.linear` on this machine by 10% or more,
+    timed on one of the model's own projection matrices (best of several tries; about 0.1 s)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return frozenset()
+    faster: set[int] = set()
+    rows = 1
+    with torch.inference_mode():
+        while rows < _LINEAR_ROWS:
+            x = torch.randn(rows, weight.shape[1])
+            times = []
+            for use in (frozenset(), frozenset({rows})):
+                _project(x, weight, use)  # warm-up
+                best = math.inf
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    _project(x, weight, use)
+                    best = min(best, time.perf_counter() - t0)
+                times.append(best)
+            if times[1] < 0.9 * times[0]:
+                faster.add(rows)
+            rows *= 2
+    return frozenset(faster)
 
 
 class BatchedRwkv7Backend(TemplateStates):
@@ -156,6 +184,8 @@ class BatchedRwkv7Backend(TemplateStates):
         self._head = head
         self.device = emb.device
         self.dtype = emb.dtype
+        #: Row counts whose projections run as W @ x^T (measured at load time; see `_project`).
+        self.transposed_rows = _calibrate(layers[0].ffn_key) if layers else frozenset()
         self._set_template(self._make_zero_state())
 
     # ------------------------------------------------------------------ loading
@@ -360,7 +390,7 @@ class BatchedRwkv7Backend(TemplateStates):
                 last_a, last_f = last_a.contiguous(), last_f.contiguous()
             new_layers += [last_a, wkv, last_f]
         x = F.layer_norm(x[:, -1], (C,), weight=self._ln_out_w, bias=self._ln_out_b)
-        logits = _project(x, self._head).float()
+        logits = _project(x, self._head, self.transposed_rows).float()
         # One unbind per state tensor: each sequence gets views of the batched results.
         per_tensor = [t.unbind(0) for t in new_layers]
         new_states = [[rows[b] for rows in per_tensor] for b in range(B)]
@@ -382,10 +412,10 @@ class BatchedRwkv7Backend(TemplateStates):
         # x + (x_prev - x) * mix for all six mixes at once: [6, B, T, C], each slice contiguous.
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, prev - x, layer.mix).unbind(0)
 
-        r = _project(xr, layer.receptance)
+        r = self._project(xr, layer.receptance)
         w = F.linear(torch.tanh(F.linear(xw, layer.w1)), layer.w2, layer.w0)
-        k = _project(xk, layer.key)
-        v = _project(xv, layer.value)
+        k = self._project(xk, layer.key)
+        v = self._project(xv, layer.value)
         a = torch.sigmoid(F.linear(F.linear(xa, layer.a1), layer.a2, layer.a0))
         g = F.linear(torch.sigmoid(F.linear(xg, layer.g1)), layer.g2)
 
@@ -404,7 +434,7 @@ class BatchedRwkv7Backend(TemplateStates):
         y = y.view(B, T, C) + (
             (r * k * layer.r_k).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)
         ).view(B, T, C)
-        return _project(y * g, layer.output), wkv, v_first
+        return self._project(y * g, layer.output), wkv, v_first
 
     def _wkv(
         self,
@@ -458,10 +488,13 @@ class BatchedRwkv7Backend(TemplateStates):
         y = out[..., 0].view(T, B, C).transpose(0, 1)
         return y, state
 
+    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _project(x, weight, self.transposed_rows)
+
     def _channel_mix(self, layer: _Layer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """RWKV_x070_CMix for x [B, T, C] and shift [B, C]."""
         T = x.shape[1]
         prev = shift.unsqueeze(1) if T == 1 else torch.cat((shift.unsqueeze(1), x[:, :-1]), dim=1)
-        h = _project(torch.addcmul(x, prev - x, layer.ffn_x_k), layer.ffn_key)
+        h = self._project(torch.addcmul(x, prev - x, layer.ffn_x_k), layer.ffn_key)
         h = torch.relu_(h).square_()
-        return _project(h, layer.ffn_value)
+        return self._project(h, layer.ffn_value)
