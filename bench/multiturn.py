@@ -21,9 +21,10 @@ from typing import Any
 
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
+from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
+from rwkv_gateway.engine.protocol import Backend
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import load_tokenizer
@@ -70,9 +71,7 @@ async def conversation(engine: Scheduler, turns: int, reply_tokens: int) -> list
     return rows
 
 
-async def run(
-    backend: RwkvPackageBackend, turns: int, reply_tokens: int, cache: bool
-) -> list[dict[str, float]]:
+async def run(backend: Backend, turns: int, reply_tokens: int, cache: bool) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         store = StateStore(Path(tmp), budget_bytes=2**30, model_id=backend.info.model_id)
         engine = Scheduler(
@@ -97,6 +96,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="cpu fp32")
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--reply-tokens", type=int, default=32)
+    parser.add_argument("--backend", choices=("package", "batched"), default="batched")
     parser.add_argument("--out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,11 +107,16 @@ def main() -> None:
             path = write_demo_model(
                 Path(tmp) / f"bench-v7-L{layers}-D{embd}.pth", "v7", n_layer=layers, n_embd=embd
             )
-        backend = load_model(path, args.strategy)
+        backend: Any = (
+            BatchedRwkv7Backend.load(path, args.strategy)
+            if args.backend == "batched"
+            else load_model(path, args.strategy)
+        )
         asyncio.run(run(backend, 2, 4, True))  # warm-up (TorchScript compiles on first calls)
         result: dict[str, Any] = {
             "model": args.model or f"generated v7 {args.demo_shape}",
             "turns": args.turns,
+            "backend": type(backend).__name__,
         }
         for mode, cache in (("cache_on", True), ("cache_off", False)):
             rows = asyncio.run(run(backend, args.turns, args.reply_tokens, cache))
