@@ -42,9 +42,9 @@ from rwkv_gateway.errors import GatewayError, NotReady, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
+from rwkv_gateway.services.roleplay import RoleplayService, sweep_guests_forever
 from rwkv_gateway.services.task_db import TaskDatabase
 from rwkv_gateway.services.tasks import TaskConfig, TaskService
-from rwkv_gateway.services.roleplay import RoleplayService, sweep_guests_forever
 from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
 

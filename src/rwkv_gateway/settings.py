@@ -129,10 +129,15 @@ class Settings(BaseSettings):
     )
     roleplay_guest_sweep_s: float = Field(default=600.0, gt=0, description="how often idle guests are swept")
     roleplay_default_characters: Path | None = Field(
-        default=None, description="folder of character JSON files given to new users (default: the bundled one)"
+        default=None,
+        description="folder of character JSON files given to new users (default: the bundled one)",
     )
-    roleplay_max_avatar_bytes: int = Field(default=2**20, ge=0, description="largest avatar data URL accepted")
-    roleplay_max_reply_tokens: int = Field(default=512, ge=1, le=4096, description="tokens per role-play reply")
+    roleplay_max_avatar_bytes: int = Field(
+        default=2**20, ge=0, description="largest avatar data URL accepted"
+    )
+    roleplay_max_reply_tokens: int = Field(
+        default=512, ge=1, le=4096, description="tokens per role-play reply"
+    )
     ui_dir: Path | None = Field(default=None, description="a built role-play UI (dist/) served at / for GET")
 
     @field_validator("strategy")

@@ -165,13 +165,7 @@ async def test_hostile_json_is_refused_in_the_envelope_and_nothing_is_stored(
     [
         "openai",
         "glm",
-        pytest.param(
-            "wenxin",
-            marks=pytest.mark.xfail(
-                reason="wenxin parse_chat_request lets json.loads' RecursionError through (error_code 1)",
-                strict=False,
-            ),
-        ),
+        "wenxin",
         "tasks",
         "roleplay",
     ],

@@ -112,7 +112,7 @@ def parse_chat_request(body: bytes, *, max_content_chars: int) -> WenxinChatRequ
     """The request in `body`, or the WenxinError for the first rule it breaks."""
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise WenxinError(INVALID_JSON, f"{MESSAGES[INVALID_JSON]}: the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise WenxinError(INVALID_ARGUMENT, f"{MESSAGES[INVALID_ARGUMENT]}: the body must be a JSON object")
