@@ -4,7 +4,9 @@
     python bench/engine.py --demo-shape 12x768 --concurrency 1,4,16,64   # a generated 0.1B-shaped v7
 
 For each concurrency C it runs C simultaneous requests (short prompt, `--tokens` new tokens each, no
-early stop) and reports aggregate decode tok/s, time to first token p50/p95, and the ratio to C=1; then
+early stop) and reports aggregate decode tok/s (from the first token to the last; and "steady": while
+all C sequences decode, leaving out staggered prefills and finishes), time to first token p50/p95, and
+the ratio to C=1; then
 a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0) for prefill tok/s. For an RWKV-7
 model served by the batched backend it first measures, in the same run, one sequence through the `rwkv`
 package's backend, and reports every level as a multiple of that figure too. Prints a table, writes JSON
@@ -36,18 +38,30 @@ from stats import percentile, save_result
 PROMPT = "User: Tell me a long story about a lighthouse keeper and the sea.\n\nAssistant:"
 
 
-async def one_request(engine: Scheduler, req: GenerationRequest) -> dict[str, float]:
+async def one_request(engine: Scheduler, req: GenerationRequest) -> dict[str, Any]:
     t0 = time.perf_counter()
     stream = await engine.submit(req)
     first: float | None = None
     tokens = 0
+    arrivals: list[tuple[float, int]] = []  # (time, tokens) of each text delta
     async for event in stream:
-        if isinstance(event, TextDelta) and first is None:
-            first = time.perf_counter()
+        if isinstance(event, TextDelta):
+            now = time.perf_counter()
+            first = first or now
+            arrivals.append((now, len(event.token_ids)))
         if isinstance(event, Finish):
             tokens = event.usage.completion_tokens
     end = time.perf_counter()
-    return {"start": t0, "first": first or end, "end": end, "tokens": tokens}
+    return {"start": t0, "first": first or end, "end": end, "tokens": tokens, "arrivals": arrivals}
+
+
+def steady_rate(results: list[dict[str, Any]]) -> float:
+    """Tokens per second while every sequence of the run was decoding: from the last first token to
+    the first finish (staggered prompt prefills and the tail of early finishers left out)."""
+    start = max(r["first"] for r in results)
+    end = min(r["end"] for r in results)
+    tokens = sum(n for r in results for t, n in r["arrivals"] if start < t <= end)
+    return tokens / (end - start) if end > start and tokens else float("nan")
 
 
 async def decode_run(engine: Scheduler, concurrency: int, tokens: int) -> dict[str, Any]:
@@ -69,6 +83,7 @@ async def decode_run(engine: Scheduler, concurrency: int, tokens: int) -> dict[s
         "generated_tokens": total,
         "wall_s": wall,
         "decode_tok_s": total / decode_wall if decode_wall > 0 else float("nan"),
+        "steady_decode_tok_s": steady_rate(results),
         "per_stream_tok_s": total / decode_wall / concurrency if decode_wall > 0 else float("nan"),
         "ttft_p50_ms": percentile(ttft, 0.5),
         "ttft_p95_ms": percentile(ttft, 0.95),
@@ -138,6 +153,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         row["speedup_vs_first"] = row["decode_tok_s"] / base
         if package_single is not None:
             row["x_vs_package_single"] = row["decode_tok_s"] / package_single["decode_tok_s"]
+            row["steady_x_vs_package_single"] = row["steady_decode_tok_s"] / package_single["decode_tok_s"]
     return {
         "model": str(path) if args.model else f"generated v7 {args.demo_shape}",
         "rwkv_version": backend.info.version,
@@ -167,6 +183,8 @@ def plot(result: dict[str, Any], png: Path) -> bool:
     levels = [row["concurrency"] for row in result["decode"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(levels, [r["decode_tok_s"] for r in result["decode"]], "o-", label="aggregate decode tok/s")
+    steady = [r["steady_decode_tok_s"] for r in result["decode"]]
+    ax.plot(levels, steady, "^-", label="aggregate, all sequences decoding")
     ax.plot(levels, [r["per_stream_tok_s"] for r in result["decode"]], "s--", label="per stream tok/s")
     if result.get("package_single"):
         ref = result["package_single"]["decode_tok_s"]
@@ -207,13 +225,16 @@ def main() -> None:
     ref = result["package_single"]
     if ref is not None:
         print(f"rwkv package backend, 1 sequence: {ref['decode_tok_s']:.1f} tok/s")
-    header = ("conc", "decode tok/s", "per stream", "x vs C=1", "x vs pkg 1", "ttft p50 ms", "ttft p95 ms")
-    print("{:>5} {:>13} {:>11} {:>9} {:>11} {:>12} {:>12}".format(*header))
+    header = ("conc", "decode tok/s", "per stream", "x vs C=1", "x vs pkg 1", "steady tok/s", "steady x pkg")
+    print(
+        "{:>5} {:>13} {:>11} {:>9} {:>11} {:>13} {:>13} {:>12} {:>12}".format(*header, "ttft p50", "ttft p95")
+    )
     for row in result["decode"]:
         vs_pkg = f"{row['x_vs_package_single']:>11.2f}" if ref is not None else f"{'-':>11}"
+        steady_pkg = f"{row['steady_x_vs_package_single']:>13.2f}" if ref is not None else f"{'-':>13}"
         print(
             f"{row['concurrency']:>5} {row['decode_tok_s']:>13.1f} {row['per_stream_tok_s']:>11.1f} "
-            f"{row['speedup_vs_first']:>9.2f} {vs_pkg} "
+            f"{row['speedup_vs_first']:>9.2f} {vs_pkg} {row['steady_decode_tok_s']:>13.1f} {steady_pkg} "
             f"{row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f}"
         )
     for row in result["prefill"]:

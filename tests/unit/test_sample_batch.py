@@ -162,3 +162,15 @@ def test_cuda_rows_use_the_vectorised_path() -> None:
     assert all(isinstance(t, int) and 0 <= t < VOCAB for t in out)
     greedy = sample_batch([make(0, temperature=0.0)], logits[:1])
     assert greedy == [int(torch.argmax(logits[0]))]
+
+
+def test_rows_shared_out_to_a_pool_give_the_same_tokens() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    logits = rows(len(KNOBS) * 2)
+    knobs = KNOBS * 2
+    serial = [make(i, **k) for i, k in enumerate(knobs)]
+    pooled = [make(i, **k) for i, k in enumerate(knobs)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(6):
+            assert sample_batch(pooled, logits, pool=pool, pool_workers=2) == sample_batch(serial, logits)

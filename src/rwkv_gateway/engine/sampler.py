@@ -14,6 +14,7 @@ import math
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ _NUCLEUS_SORT_BAND = 2048
 _SEED_MASK = (1 << 64) - 1
 #: Block length of the two-level inverse-CDF draw (see `_draw`).
 _DRAW_BLOCK = 256
+#: A step samples its rows on several threads from this many rows on (fewer: not worth the hand-off).
+_PARALLEL_ROWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,16 +506,22 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> tuple[int, float
 
 
 def sample_batch(
-    samplers: Sequence[Sampler], rows: Sequence[torch.Tensor], *, vectorised: bool | None = None
+    samplers: Sequence[Sampler],
+    rows: Sequence[torch.Tensor],
+    *,
+    vectorised: bool | None = None,
+    pool: Executor | None = None,
+    pool_workers: int = 0,
 ) -> list[int | Exception]:
     """Sample the next token of every row of one scheduler step; a failing row returns its exception
     instead of failing the others.
 
     On the CPU each row goes through its own `Sampler.sample`: the exact, sort-free filters there cost
-    less than any batched formulation, and a row's tokens never depend on its batch-mates. On an
-    accelerator (or with `vectorised=True`) the rows are sampled together by `_sample_vectorised`:
-    the whole distribution work stays on the device and a single device-to-host copy brings back
-    every row's token.
+    less than any batched formulation, and a row's tokens never depend on its batch-mates. With a
+    `pool` of `pool_workers` threads (besides the calling one) the rows are shared out among them: each row
+    still runs alone and single-threaded, so its result does not change. On an accelerator (or with
+    `vectorised=True`) the rows are sampled together by `_sample_vectorised`: the whole distribution
+    work stays on the device and a single device-to-host copy brings back every row's token.
     """
     if not samplers:
         return []
@@ -523,22 +532,37 @@ def sample_batch(
             return _sample_vectorised(samplers, rows)
         except Exception as exc:  # a shape or device problem: fall back to finding the row it is in
             logging.getLogger(__name__).warning("vectorised sampling failed (%s); sampling row by row", exc)
-    out: list[int | Exception] = []
     # Vectors of a vocabulary's size are too small for intra-op parallelism to pay: with two threads
     # every op waits on a barrier, which costs a few times the op itself on an idle CPU and up to 10x
-    # more when another process holds a core. Matmuls in the forward keep the configured threads.
+    # more when another process holds a core. Rows run in parallel instead (torch releases the GIL in
+    # its kernels). Matmuls in the forward keep the configured threads.
     threads = torch.get_num_threads()
     if threads > 1 and rows[0].device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        for sampler, row in zip(samplers, rows, strict=True):
-            try:
-                out.append(sampler.sample(row))
-            except Exception as exc:
-                out.append(exc)
+        pairs = list(zip(samplers, rows, strict=True))
+        workers = pool_workers
+        if pool is None or workers < 1 or len(pairs) < _PARALLEL_ROWS:
+            return _sample_rows(pairs)
+        parts = [pairs[i :: workers + 1] for i in range(workers + 1)]
+        futures = [pool.submit(_sample_rows, part) for part in parts[1:]]
+        results = [_sample_rows(parts[0]), *(f.result() for f in futures)]
+        out: list[int | Exception] = [0] * len(pairs)
+        for i, part in enumerate(results):
+            out[i :: workers + 1] = part
+        return out
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def _sample_rows(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
+    out: list[int | Exception] = []
+    for sampler, row in pairs:
+        try:
+            out.append(sampler.sample(row))
+        except Exception as exc:
+            out.append(exc)
     return out
 
 

@@ -183,6 +183,13 @@ class Scheduler:
         #: Taken from the queue but waiting: for a free slot, or for another sequence's checkpoint.
         self._deferred: list[_Sequence] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
+        #: Helpers of the model thread for sampling a step's rows on the other CPU cores.
+        self._sample_workers = max(0, torch.get_num_threads() - 1)
+        self._sample_pool = (
+            ThreadPoolExecutor(max_workers=self._sample_workers, thread_name_prefix="rwkv-sample")
+            if self._sample_workers
+            else None
+        )
         self.max_active = self._slots(self.config, backend)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -245,6 +252,8 @@ class Scheduler:
             self._task = None
         # A step may still be running on the model thread: let it end before touching its sequences.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self._sample_pool is not None:
+            self._sample_pool.shutdown(wait=False)
         leftovers = list(self._active) + self._deferred
         self._deferred = []
         if self._queue is not None:
@@ -523,7 +532,10 @@ class Scheduler:
         if ready:
             # Every row that needs a token is sampled together (one device-to-host copy on a GPU).
             results = sample_batch(
-                [s.sampler for s in ready], [s.logits for s in ready if s.logits is not None]
+                [s.sampler for s in ready],
+                [s.logits for s in ready if s.logits is not None],
+                pool=self._sample_pool,
+                pool_workers=self._sample_workers,
             )
             for seq, result in zip(ready, results, strict=True):
                 self._take_token(seq, result, now)
