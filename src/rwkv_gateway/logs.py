@@ -118,6 +118,7 @@ def configure_logging(
         uv = logging.getLogger(name)
         uv.handlers.clear()
         uv.propagate = True
+        uv.setLevel(logging.NOTSET)  # follow the root level, whatever an earlier uvicorn.Config set
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, AccessLogRedactor) for f in access.filters):
         access.addFilter(AccessLogRedactor())

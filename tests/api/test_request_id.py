@@ -218,9 +218,10 @@ def test_configure_logging_installs_one_handler_and_masks_access_tokens() -> Non
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     access = logging.getLogger("uvicorn.access")
-    saved_access = (list(access.handlers), list(access.filters), access.propagate)
+    saved_access = (list(access.handlers), list(access.filters), access.propagate, access.level)
     out = io.StringIO()
     try:
+        access.setLevel(logging.WARNING)  # what an earlier uvicorn.Config(log_level="warning") leaves
         configure_logging("info", "text")
         configure_logging("info", "json", stream=out)
         assert sum(isinstance(h, GatewayHandler) for h in root.handlers) == 1
@@ -245,6 +246,7 @@ def test_configure_logging_installs_one_handler_and_masks_access_tokens() -> Non
         root.setLevel(saved_level)
         access.handlers[:], access.filters[:] = saved_access[0], saved_access[1]
         access.propagate = saved_access[2]
+        access.setLevel(saved_access[3])
 
 
 async def test_prompt_text_stays_out_of_the_logs(served: Served) -> None:
