@@ -174,3 +174,36 @@ def test_rows_shared_out_to_a_pool_give_the_same_tokens() -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         for _ in range(6):
             assert sample_batch(pooled, logits, pool=pool, pool_workers=2) == sample_batch(serial, logits)
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "mixed"])
+def test_large_vocabulary_top_p_rows_are_each_rows_own_draws(kind: str) -> None:
+    vocab = 65536
+    gen = torch.Generator().manual_seed(21)
+    if kind == "flat":
+        logits = torch.randn(12, vocab, generator=gen) * 0.3
+    elif kind == "peaked":
+        logits = torch.randn(12, vocab, generator=gen) * 6
+    else:
+        logits = torch.randn(12, vocab, generator=gen) * torch.tensor([0.2, 5.0, 1.0, 0.05] * 3).unsqueeze(1)
+        logits[5, 7] = float("inf")  # +inf shares the mass: the row leaves the batched path
+        logits[6, 100:] = float("-inf")  # a short support
+    knobs = [
+        {"temperature": t, "top_p": p, "presence_penalty": pp, "logit_bias": lb}
+        for t, p, pp, lb in [
+            (1.0, 0.9, 0.0, {}),
+            (0.7, 0.5, 0.3, {3: 2.0}),
+            (1.3, 0.99, 0.0, {}),
+            (1.0, 0.2, 0.0, {}),
+        ]
+        * 3
+    ]
+
+    def samplers() -> list[Sampler]:
+        return [Sampler(SamplingParams(seed=i, **k), vocab) for i, k in enumerate(knobs)]
+
+    batched, single = samplers(), samplers()
+    for _ in range(4):
+        got = sample_batch(batched, list(logits))
+        want = [s.sample(r) for s, r in zip(single, logits, strict=True)]
+        assert got == want
