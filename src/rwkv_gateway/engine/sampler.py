@@ -212,11 +212,13 @@ class Sampler:
         """Steps 1-5: a float32 copy of `logits` with NaN check, bias, bans and penalties applied."""
         if logits.dim() != 1 or logits.shape[0] != self._vocab_size:
             raise ValueError(f"expected logits of shape [{self._vocab_size}], got {list(logits.shape)}")
-        x = logits.detach().to(dtype=torch.float32, copy=True)
+        # Nothing below writes into the row it is given, so without adjustments no copy is needed.
+        x = logits.detach().to(dtype=torch.float32, copy=not self._plain)
         # max() propagates NaN and costs a tenth of isnan().any() on a 65536-wide CPU vector.
         if math.isnan(float(x.max())):
             raise GenerationFailed("model produced NaN logits")
-        self._adjust_(x)
+        if not self._plain:
+            self._adjust_(x)
         return x
 
     def _adjust_(self, x: torch.Tensor) -> None:
@@ -248,7 +250,8 @@ class Sampler:
     def _distribution(self, x: torch.Tensor) -> _Dist:
         """Steps 7-11 on penalised logits (not greedy); with `temperature_last` the filters select on
         the temperature-1 distribution and the temperature reshapes what they keep."""
-        dist = self._filtered(x if self._temperature_last else x / self._params.temperature)
+        as_is = self._temperature_last or self._params.temperature == 1.0  # x / 1 is x, bit for bit
+        dist = self._filtered(x if as_is else x / self._params.temperature)
         if not self._temperature_last:
             return dist
         # w = q ** (1 / T), taken relative to the largest weight so that small ones do not underflow.
