@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
+from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
+from rwkv_gateway.engine import scheduler as scheduler_mod
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
+from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
 
@@ -83,3 +90,53 @@ async def engine(
         yield sched
     finally:
         await sched.aclose()
+
+
+#: The seed that marks the request `full_queue` holds on the model thread.
+HOLD_SEED = 9090
+
+FullQueue = Callable[[Any], AbstractAsyncContextManager[None]]
+
+
+@pytest.fixture
+def full_queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullQueue]:
+    """Fault injection for busy answers: `async with full_queue(engine):` (an engine started with
+    max_batch_size=1 and queue_size=1) holds one request on the model thread, in the only batch slot,
+    and queues another in the only queue place; on exit both are released and ended."""
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldSampler(Sampler):
+        def sample(self, logits):  # type: ignore[no-untyped-def]
+            if self.params.seed == HOLD_SEED:
+                entered.set()
+                release.wait(60)
+            return super().sample(logits)
+
+    monkeypatch.setattr(scheduler_mod, "Sampler", HeldSampler)
+
+    @contextlib.asynccontextmanager
+    async def hold(engine: Any) -> AsyncIterator[None]:
+        tokens = engine.codec.encode("Hello there")
+        held = SamplingParams(temperature=0, seed=HOLD_SEED)
+        running = await engine.submit(
+            GenerationRequest(prompt_tokens=tokens, sampling=held, max_tokens=8, dialect="test")
+        )
+        waiting = None
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)  # the one batch slot is busy
+            waiting = await engine.submit(
+                GenerationRequest(prompt_tokens=tokens, max_tokens=8, dialect="test")
+            )
+            yield
+        finally:
+            release.set()
+            running.cancel()
+            await running.collect()
+            if waiting is not None:
+                waiting.cancel()
+                await waiting.collect()
+
+    try:
+        yield hold
+    finally:
+        release.set()

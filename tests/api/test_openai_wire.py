@@ -4,14 +4,12 @@ responses; fine for the SSE framing of finite streams)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
 import math
 import re
 import struct
-import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +18,12 @@ import pytest
 
 from rwkv_gateway.api.tokenize import readable_token
 from rwkv_gateway.db.repo import RequestLogRepo
-from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
 from rwkv_gateway.engine import scheduler as scheduler_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # the fixtures' types (conftest modules are not importable by name at run time)
-    from conftest import Served, ServeFactory
+    from conftest import FullQueue, Served, ServeFactory
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -359,37 +356,9 @@ async def test_unknown_fields_and_sillytavern_extensions_are_accepted(served: Se
 # ---------------------------------------------------------------------------- queue full
 
 
-async def test_queue_full_is_503_with_retry_after(
-    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-
-    class GatedSampler(Sampler):  # fault injection: hold the model thread on the first sample
-        def sample(self, logits):  # type: ignore[no-untyped-def]
-            if self.params.seed == FAULT_SEED:
-                entered.set()
-                release.wait(30)
-            return super().sample(logits)
-
-    monkeypatch.setattr(scheduler_mod, "Sampler", GatedSampler)
+async def test_queue_full_is_503_with_retry_after(serve: ServeFactory, full_queue: FullQueue) -> None:
     served = await serve(queue_size=1, max_batch_size=1)
-    engine = served.app.state.engine
-    prompt_tokens = engine.codec.encode("Hello there")
-    running = await engine.submit(
-        GenerationRequest(
-            prompt_tokens=prompt_tokens,
-            sampling=SamplingParams(temperature=0, seed=FAULT_SEED),
-            max_tokens=8,
-            dialect="test",
-        )
-    )
-    waiting = None
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)  # the one batch slot is busy
-        waiting = await engine.submit(
-            GenerationRequest(prompt_tokens=prompt_tokens, max_tokens=8, dialect="test")
-        )
+    async with full_queue(served.app.state.engine):
         resp = await served.client.post(CHAT, json=chat_body())
         error = assert_envelope(resp, 503, code="overloaded")
         assert int(resp.headers["retry-after"]) >= 1
@@ -398,13 +367,6 @@ async def test_queue_full_is_503_with_retry_after(
         resp = await served.client.post(CHAT, json=chat_body(stream=True))
         assert_envelope(resp, 503, code="overloaded")
         assert resp.headers["retry-after"]
-    finally:
-        release.set()
-        running.cancel()
-        await running.collect()
-        if waiting is not None:
-            waiting.cancel()
-            await waiting.collect()
     resp = await served.client.post(CHAT, json=chat_body(max_tokens=2))
     assert resp.status_code == 200, resp.text
 

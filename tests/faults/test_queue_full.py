@@ -6,21 +6,16 @@ request, and then each dialect's generating routes are asked for more."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import pytest
 from live import CARD, GREEDY, AppFactory, form
 
-from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
-from rwkv_gateway.engine import scheduler as scheduler_mod
-from rwkv_gateway.engine.sampler import Sampler
+if TYPE_CHECKING:
+    from tests.conftest import FullQueue
 
-FAULT_SEED = 9090
 WENXIN_CHAT = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/rwkv"
 ROLEPLAY_BUSY = {"data": None, "message": "服务器繁忙，请稍后再试", "code": 503}
 
@@ -30,19 +25,8 @@ def retry_after(resp: httpx.Response) -> None:
 
 
 async def test_every_dialect_answers_a_full_queue_in_its_own_format(
-    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch, record_property: Callable[[str, object], None]
+    app_factory: AppFactory, full_queue: FullQueue, record_property: Callable[[str, object], None]
 ) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-
-    class GatedSampler(Sampler):  # fault injection: hold the model thread on the first sample
-        def sample(self, logits):  # type: ignore[no-untyped-def]
-            if self.params.seed == FAULT_SEED:
-                entered.set()
-                release.wait(60)
-            return super().sample(logits)
-
-    monkeypatch.setattr(scheduler_mod, "Sampler", GatedSampler)
     app = await app_factory(queue_size=1, max_batch_size=1, roleplay_max_reply_tokens=4)
     c = app.client
     engine = app.app.state.engine
@@ -60,10 +44,6 @@ async def test_every_dialect_answers_a_full_queue_in_its_own_format(
     assert json.loads((await c.post("/characters/save", **form({**auth, **CARD}))).content)["code"] == 200
     opened = json.loads((await c.post("/characters/load", **form(chat_fields))).content)["data"]
 
-    tokens = engine.codec.encode("Hello there")
-    gated = SamplingParams(temperature=0, seed=FAULT_SEED)
-    running = await engine.submit(GenerationRequest(prompt_tokens=tokens, sampling=gated, max_tokens=8))
-    waiting = None
     asked = 0
 
     async def ask(method: str, path: str, **kw: Any) -> httpx.Response:
@@ -71,9 +51,7 @@ async def test_every_dialect_answers_a_full_queue_in_its_own_format(
         asked += 1
         return await c.request(method, path, **kw)
 
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)  # the one batch slot is busy
-        waiting = await engine.submit(GenerationRequest(prompt_tokens=tokens, max_tokens=8))
+    async with full_queue(engine):
         # OpenAI: 503 `overloaded` (type server_error) with Retry-After, streams included.
         chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         text = {"model": model, "prompt": "Hi", "max_tokens": 4}
@@ -123,13 +101,6 @@ async def test_every_dialect_answers_a_full_queue_in_its_own_format(
         # A full queue is load, not a failure: readiness stays 200; nothing extra was admitted.
         assert (await c.get("/readyz")).status_code == 200
         assert engine.stats()["queue_depth"] == 1
-    finally:
-        release.set()
-        running.cancel()
-        await running.collect()
-        if waiting is not None:
-            waiting.cancel()
-            await waiting.collect()
     # Nothing of the refused turns was stored, and everything works again.
     after = json.loads((await c.post("/characters/load", **form(chat_fields))).content)["data"]
     assert after == opened

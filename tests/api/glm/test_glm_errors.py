@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from rwkv_gateway.errors import ModelLoadError
 from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import Served, ServeFactory
+    from conftest import FullQueue, Served, ServeFactory
 
 FAULT_SEED = 4242
 CHAT_PATHS = ["/chat", "/chat-stream"]
@@ -162,36 +161,10 @@ def test_error_scopes_are_the_exact_glm_paths() -> None:
 
 
 async def test_queue_full_is_503_server_busy_with_retry_after(
-    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+    serve: ServeFactory, full_queue: FullQueue
 ) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-
-    class GatedSampler(Sampler):  # fault injection: hold the model thread on the first sample
-        def sample(self, logits):  # type: ignore[no-untyped-def]
-            if self.params.seed == FAULT_SEED:
-                entered.set()
-                release.wait(30)
-            return super().sample(logits)
-
-    monkeypatch.setattr(scheduler_mod, "Sampler", GatedSampler)
     served = await serve(queue_size=1, max_batch_size=1)
-    engine = served.app.state.engine
-    prompt_tokens = engine.codec.encode("Hello there")
-    running = await engine.submit(
-        GenerationRequest(
-            prompt_tokens=prompt_tokens,
-            sampling=SamplingParams(temperature=0, seed=FAULT_SEED),
-            max_tokens=8,
-            dialect="test",
-        )
-    )
-    waiting = None
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)  # the one batch slot is busy
-        waiting = await engine.submit(
-            GenerationRequest(prompt_tokens=prompt_tokens, max_tokens=8, dialect="test")
-        )
+    async with full_queue(served.app.state.engine):
         for path, body in [
             ("/chat", {"prompt": "Hi"}),
             ("/chat-stream", {"prompt": "Hi"}),
@@ -200,13 +173,6 @@ async def test_queue_full_is_503_server_busy_with_retry_after(
             resp = await served.client.post(path, json=body)
             assert_detail(resp, 503, "server busy")
             assert int(resp.headers["retry-after"]) >= 1
-    finally:
-        release.set()
-        running.cancel()
-        await running.collect()
-        if waiting is not None:
-            waiting.cancel()
-            await waiting.collect()
     resp = await served.client.post("/chat", json={"prompt": "Hi", "max_length": 20})
     assert resp.status_code == 200, resp.text
 

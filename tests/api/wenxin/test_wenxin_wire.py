@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +26,11 @@ from rwkv_gateway.services.credentials import CredentialService
 
 if TYPE_CHECKING:
     from tests.api.conftest import ServeFactory
+    from tests.conftest import FullQueue
 
 PREFIX = "/rpc/2.0/ai_custom/v1/wenxinworkshop"
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 FAULT_PENALTY = 1.234  # marks the request a fault-injecting sampler acts on
-FAULT_SEED = 666
 
 
 def greedy(**fields: Any) -> dict[str, Any]:
@@ -654,42 +653,13 @@ async def test_failure_after_the_first_byte_is_an_in_band_error_event(
 # ---------------------------------------------------------------------------- queue full
 
 
-async def test_queue_full_is_336100(serve: ServeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-
-    class GatedSampler(Sampler):  # fault injection: hold the model thread on the first sample
-        def sample(self, logits):  # type: ignore[no-untyped-def]
-            if self.params.seed == FAULT_SEED:
-                entered.set()
-                release.wait(30)
-            return super().sample(logits)
-
-    monkeypatch.setattr(scheduler_mod, "Sampler", GatedSampler)
+async def test_queue_full_is_336100(serve: ServeFactory, full_queue: FullQueue) -> None:
     wx = await make_wenxin(await serve(queue_size=1, max_batch_size=1))
-    engine = wx.served.app.state.engine
-    prompt_tokens = engine.codec.encode("Hello there")
-    gated = SamplingParams(temperature=0, seed=FAULT_SEED)
-    running = await engine.submit(
-        GenerationRequest(prompt_tokens=prompt_tokens, sampling=gated, max_tokens=8, dialect="test")
-    )
-    waiting = None
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)  # the one batch slot is busy
-        waiting = await engine.submit(
-            GenerationRequest(prompt_tokens=prompt_tokens, max_tokens=8, dialect="test")
-        )
+    async with full_queue(wx.served.app.state.engine):
         for stream in (False, True):
             resp = await wx.chat(greedy(stream=stream))
             assert_error(resp, 336100, contains="try again later")
             assert int(resp.headers["retry-after"]) >= 1
-    finally:
-        release.set()
-        running.cancel()
-        await running.collect()
-        if waiting is not None:
-            waiting.cancel()
-            await waiting.collect()
     assert_ok(await wx.chat(greedy(max_output_tokens=2)))
 
 
