@@ -12,6 +12,7 @@ decoding is checked separately for exact equality).
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -396,3 +397,159 @@ def test_both_projection_forms_agree_and_calibration_picks_small_row_counts(
     picked = _calibrate(weight)
     assert picked <= every
     assert _calibrate(weight.to(torch.bfloat16)) == frozenset()  # only CPU fp32 has the choice
+
+
+def wkv_ptrs(states: list[LiveState]) -> list[int]:
+    return [s[1].data_ptr() for s in states]
+
+
+def test_overwrite_advances_decode_rows_in_place_with_identical_results(
+    batched: BatchedRwkv7Backend,
+) -> None:
+    """`overwrite=True` writes consecutive decode rows' new WKV states over the old ones; whatever the
+    batch does (rows leave, rows reorder, prompts join), every logit and state is bit for bit what the
+    copying path gives, and rows outside the in-place group are never written."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [random_tokens(g, n) for n in (3, 5, 4, 6)]
+    logits_a, a = batched.forward([list(p) for p in prompts], [None] * 4, overwrite=True)
+    logits_b, b = batched.forward([list(p) for p in prompts], [None] * 4)
+
+    def step(rows: list[int], tokens: list[list[int]], expect_in_place: bool) -> None:
+        nonlocal a, b
+        before_a = [clone(s) for s in a]
+        ptrs = wkv_ptrs([a[r] for r in rows])
+        la, na = batched.forward([list(t) for t in tokens], [a[r] for r in rows], overwrite=True)
+        lb, nb = batched.forward([list(t) for t in tokens], [b[r] for r in rows])
+        torch.testing.assert_close(la, lb, atol=0, rtol=0)
+        for x, y in zip(na, nb, strict=True):
+            assert_states_close(x, y, atol=0, rtol=0)
+        decoding = [j for j, t in enumerate(tokens) if len(t) == 1]
+        same = [wkv_ptrs([na[j]])[0] == ptrs[j] for j in decoding]
+        assert all(same) if expect_in_place else not any(same)
+        untouched = [r for r in range(len(a)) if r not in rows or not expect_in_place]
+        for r in untouched:  # rows left out, and every input of a copying step, keep their values
+            assert_states_close(a[r], before_a[r], atol=0, rtol=0)
+        a = [*na, *(a[r] for r in range(len(a)) if r not in rows)]
+        b = [*nb, *(b[r] for r in range(len(b)) if r not in rows)]
+
+    step([0, 1, 2, 3], [[7], [8], [9], [10]], expect_in_place=False)  # rows of four prompt batches
+    step([0, 1, 2, 3], [[11], [12], [13], [14]], expect_in_place=True)
+    step([1, 2, 3], [[15], [16], [17]], expect_in_place=True)  # row 0 left out: never written
+    step([2, 0, 1], [[18], [19], [20]], expect_in_place=False)  # reordered: copied
+    step([0, 1], [[21], [22]], expect_in_place=True)
+    a.append(batched.zero_state())  # a new sequence joins with a prompt chunk
+    b.append(batched.zero_state())
+    step([0, 1, 4], [[23], [24], random_tokens(g, 4)], expect_in_place=True)
+    assert logits_a.shape == logits_b.shape
+
+
+def test_a_failure_in_place_names_the_rows_it_consumed(
+    batched: BatchedRwkv7Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(12)
+    _, decoded = batched.forward([[1], [2], [3]], [random_state(batched, g) for _ in range(3)])
+    _, decoded = batched.forward([[4], [5], [6]], decoded)  # now rows of one batch
+    prompt_state = random_state(batched, g)
+    prompt_before = clone(prompt_state)
+    real = batched._channel_mix
+
+    def fail_on_decode(layer: object, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            raise RuntimeError("injected forward fault")
+        return real(layer, x, shift)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batched, "_channel_mix", fail_on_decode)
+    # Copying path: the plain error (every input intact, so the caller may retry each row).
+    with pytest.raises(RuntimeError, match="injected"):
+        batched.forward([[7], [8, 9, 10], [11], [12]], [decoded[0], prompt_state, decoded[1], decoded[2]])
+    # In place: the decode rows (0, 2, 3 of this call) are consumed; the prompt row is intact.
+    with pytest.raises(protocol.StatesConsumed) as failed:
+        batched.forward(
+            [[7], [8, 9, 10], [11], [12]],
+            [decoded[0], prompt_state, decoded[1], decoded[2]],
+            overwrite=True,
+        )
+    assert failed.value.rows == frozenset({0, 2, 3})
+    assert_states_close(prompt_state, prompt_before, atol=0, rtol=0)
+
+
+async def test_scheduler_fails_consumed_rows_and_retries_the_rest(
+    batched: BatchedRwkv7Backend, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward that fails after overwriting states ends exactly those requests with an error; a
+    request whose state was only read is retried and gives the text it gives alone."""
+    from rwkv_gateway.domain.types import FinishReason, GenerationRequest, SamplingParams
+    from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
+
+    greedy = SamplingParams(temperature=0)
+    late_prompt = list(range(100, 140))
+    sched = Scheduler(batched, tokenizer, EngineConfig(max_batch_size=8, prefill_chunk=8, prefill_budget=8))
+    await sched.start()
+    try:
+        alone, _ = await (
+            await sched.submit(GenerationRequest(prompt_tokens=late_prompt, sampling=greedy, max_tokens=6))
+        ).collect()
+        real = batched._forward_group
+        armed = {"on": False, "prompt_first": False, "fired": 0}
+        loop = asyncio.get_running_loop()
+        in_place_seen = asyncio.Event()
+
+        def faulty(token_lists, states, *, in_place=False):  # type: ignore[no-untyped-def]
+            # Fires in the first forward that runs a prompt chunk and then the in-place decode group.
+            if not in_place:
+                armed["prompt_first"] = len(token_lists[0]) > 1
+                return real(token_lists, states, in_place=in_place)
+            loop.call_soon_threadsafe(in_place_seen.set)
+            if armed["on"] and armed["prompt_first"]:
+                armed["on"], armed["fired"] = False, armed["fired"] + 1
+                raise RuntimeError("injected forward fault")
+            armed["prompt_first"] = False
+            return real(token_lists, states, in_place=in_place)
+
+        monkeypatch.setattr(batched, "_forward_group", faulty)
+        early = [
+            await sched.submit(GenerationRequest(prompt_tokens=[1, 2, 3], sampling=greedy, max_tokens=400))
+            for _ in range(2)
+        ]
+        await in_place_seen.wait()  # both decode as rows of one batch by now
+        late = await sched.submit(GenerationRequest(prompt_tokens=late_prompt, sampling=greedy, max_tokens=6))
+        armed["on"] = True
+        fins = [(await s.collect())[1] for s in early]
+        text, fin = await late.collect()
+        assert armed["fired"] == 1
+        assert all(f.reason is FinishReason.ERROR and f.error == "model forward failed" for f in fins)
+        assert fin.reason is FinishReason.LENGTH and text == alone
+    finally:
+        await sched.aclose()
+
+
+def test_package_backend_names_the_states_it_wrote_before_a_failure(
+    v7_backend: RwkvPackageBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The package advances each given state in place, row after row, so a failure in row 2 leaves
+    # rows 0 and 2 written (row 1 started from a fresh zero state) and row 3 untouched.
+    g = torch.Generator().manual_seed(13)
+    states: list[LiveState | None] = [random_state(v7_backend, g), None, random_state(v7_backend, g)]
+    states.append(random_state(v7_backend, g))
+    last_before = clone(states[3])  # type: ignore[arg-type]
+    real = v7_backend.model.forward
+    calls = {"n": 0}
+
+    def fail_third(tokens, state):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            real(tokens, state)  # the package writes the state, then something fails
+            raise RuntimeError("injected forward fault")
+        return real(tokens, state)
+
+    class Faulty:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real.__self__, name)  # type: ignore[attr-defined]
+
+        forward = staticmethod(fail_third)
+
+    monkeypatch.setattr(v7_backend, "model", Faulty())
+    with pytest.raises(protocol.StatesConsumed) as failed:
+        v7_backend.forward([[1], [2], [3], [4]], states)
+    assert failed.value.rows == frozenset({0, 2})
+    assert_states_close(states[3], last_before, atol=0, rtol=0)  # type: ignore[arg-type]

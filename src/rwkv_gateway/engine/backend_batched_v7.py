@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rwkv_gateway.domain.engine import ModelInfo
 from rwkv_gateway.engine.live_state import TemplateStates
 from rwkv_gateway.engine.loader import _check_strategy, inspect_checkpoint
-from rwkv_gateway.engine.protocol import LiveState
+from rwkv_gateway.engine.protocol import LiveState, StatesConsumed
 from rwkv_gateway.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ _GROUP_NORM_EPS = 64e-5
 _LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 #: From this many rows on, `F.linear` is as fast as W @ x^T (see `_project`).
 _LINEAR_ROWS = 64
+#: A decode step updates the WKV states in slices of about this many bytes, so that the three passes
+#: over a slice (read for the products, decay, rank-2 update) run in the L2 cache instead of memory.
+_WKV_SLICE_BYTES = 3 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,30 @@ class _Layer:
     ffn_x_k: torch.Tensor
     ffn_key: torch.Tensor
     ffn_value: torch.Tensor
+
+
+class _RowState(list[torch.Tensor]):
+    """A live state `forward` returned: row `row` of the batch `batch` (an identity token, one per
+    batched result). Its WKV tensor is that row of the batch's WKV tensor of each layer, so states
+    with one token and consecutive rows can be advanced in place (see `forward`'s `overwrite`)."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, tensors: list[torch.Tensor], batch: object, row: int) -> None:
+        super().__init__(tensors)
+        self.batch = batch
+        self.row = row
+
+
+def _rows_of_one_batch(states: Sequence[LiveState]) -> bool:
+    """Whether `states` are consecutive rows, in order, of one batched result of `forward`."""
+    first = states[0]
+    if not isinstance(first, _RowState):
+        return False
+    return all(
+        isinstance(s, _RowState) and s.batch is first.batch and s.row == first.row + j
+        for j, s in enumerate(states)
+    )
 
 
 def _batch_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -330,13 +357,16 @@ class BatchedRwkv7Backend(TemplateStates):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, token_lists: list[list[int]], states: list[LiveState | None]
+        self, token_lists: list[list[int]], states: list[LiveState | None], *, overwrite: bool = False
     ) -> tuple[torch.Tensor, list[LiveState]]:
         """Feed each sequence its tokens; rows of equal length share one batched forward.
 
         Decoding rows (one token each) form one group; prompt chunks of equal length form others.
-        Input states are read, never written, so a failed call leaves every sequence's state intact
-        (the scheduler retries a failed batch row by row).
+        Input states are only read, so a failed call leaves every state intact (the scheduler then
+        retries row by row) -- except with `overwrite`, where the caller gives the states up: decoding
+        rows that are consecutive rows of one earlier result get their new WKV states written over the
+        old ones (no allocation, one memory pass less per layer). That group runs last; if it fails,
+        `StatesConsumed` names its rows.
         """
         if len(token_lists) != len(states):
             raise ValueError("token_lists and states differ in length")
@@ -345,29 +375,42 @@ class BatchedRwkv7Backend(TemplateStates):
             if not tokens:
                 raise ValueError("every sequence in a batch needs at least one token")
             groups.setdefault(len(tokens), []).append(row)
+        live = [s if s is not None else self._template for s in states]
+        in_place = overwrite and 1 in groups and _rows_of_one_batch([live[r] for r in groups[1]])
+        if in_place:
+            groups[1] = groups.pop(1)  # last: a failure before it leaves every state intact
         out_states: list[LiveState] = [[] for _ in token_lists]
         with torch.inference_mode():
-            live = [s if s is not None else self._template for s in states]
             if len(groups) == 1:
-                logits, new = self._forward_group(token_lists, live)
-                out_states = new
-            else:
-                logits = torch.empty(
-                    (len(token_lists), self.info.vocab_size), dtype=torch.float32, device=self.device
-                )
-                for rows in groups.values():
+                try:
+                    return self._forward_group(token_lists, live, in_place=in_place)
+                except Exception as exc:
+                    if in_place:
+                        raise StatesConsumed(frozenset(range(len(token_lists))), exc) from exc
+                    raise
+            logits = torch.empty(
+                (len(token_lists), self.info.vocab_size), dtype=torch.float32, device=self.device
+            )
+            for length, rows in groups.items():
+                writes = in_place and length == 1
+                try:
                     group_logits, new = self._forward_group(
-                        [token_lists[r] for r in rows], [live[r] for r in rows]
+                        [token_lists[r] for r in rows], [live[r] for r in rows], in_place=writes
                     )
-                    logits[torch.tensor(rows, device=self.device)] = group_logits
-                    for r, st in zip(rows, new, strict=True):
-                        out_states[r] = st
+                except Exception as exc:
+                    if writes:
+                        raise StatesConsumed(frozenset(rows), exc) from exc
+                    raise
+                logits[torch.tensor(rows, device=self.device)] = group_logits
+                for r, st in zip(rows, new, strict=True):
+                    out_states[r] = st
         return logits, out_states
 
     def _forward_group(
-        self, token_lists: Sequence[Sequence[int]], states: Sequence[LiveState]
+        self, token_lists: Sequence[Sequence[int]], states: Sequence[LiveState], *, in_place: bool = False
     ) -> tuple[torch.Tensor, list[LiveState]]:
-        """One forward for B rows of T tokens each: logits [B, V] float32 and the B new states."""
+        """One forward for B rows of T tokens each: logits [B, V] float32 and the B new states.
+        With `in_place` (T = 1 only) the new WKV states are written into the batched input view."""
         B, T = len(token_lists), len(token_lists[0])
         C = self.n_embd
         idx = torch.tensor(token_lists, dtype=torch.long, device=self.device)
@@ -378,7 +421,7 @@ class BatchedRwkv7Backend(TemplateStates):
             xa = F.layer_norm(x, (C,), weight=layer.ln1_w, bias=layer.ln1_b)
             shift = _batch_rows([s[3 * i] for s in states]).to(xa.dtype)
             wkv = _batch_rows([s[3 * i + 1] for s in states]).to(torch.float32)
-            out, wkv, v_first = self._time_mix(i, layer, xa, shift, wkv, v_first)
+            out, wkv, v_first = self._time_mix(i, layer, xa, shift, wkv, v_first, in_place)
             x = x + out
             xf = F.layer_norm(x, (C,), weight=layer.ln2_w, bias=layer.ln2_b)
             shift_f = _batch_rows([s[3 * i + 2] for s in states]).to(xf.dtype)
@@ -393,7 +436,10 @@ class BatchedRwkv7Backend(TemplateStates):
         logits = _project(x, self._head, self.transposed_rows).float()
         # One unbind per state tensor: each sequence gets views of the batched results.
         per_tensor = [t.unbind(0) for t in new_layers]
-        new_states = [[rows[b] for rows in per_tensor] for b in range(B)]
+        batch = object()
+        new_states: list[LiveState] = [
+            _RowState([rows[b] for rows in per_tensor], batch, b) for b in range(B)
+        ]
         return logits, new_states
 
     def _time_mix(
@@ -404,6 +450,7 @@ class BatchedRwkv7Backend(TemplateStates):
         shift: torch.Tensor,
         wkv: torch.Tensor,
         v_first: torch.Tensor,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RWKV_x070_TMix for x [B, T, C], shift [B, C], wkv [B, H, N, N]; returns (out, wkv, v_first)."""
         B, T, C = x.shape
@@ -428,7 +475,10 @@ class BatchedRwkv7Backend(TemplateStates):
             v = v + (v_first - v) * torch.sigmoid(F.linear(F.linear(xv, layer.v1), layer.v2, layer.v0))
         decay = torch.exp(-_DECAY_SCALE * torch.sigmoid(w.float()))
 
-        y, wkv = self._wkv(wkv, r, decay, k, v, kk, a)
+        if T == 1:
+            y, wkv = self._wkv_one(wkv, r, decay, k, v, kk, a, in_place=in_place)
+        else:
+            y, wkv = self._wkv(wkv, r, decay, k, v, kk, a)
 
         y = F.group_norm(y.to(x.dtype).reshape(B * T, C), H, layer.ln_x_w, layer.ln_x_b, eps=_GROUP_NORM_EPS)
         y = y.view(B, T, C) + (
@@ -487,6 +537,55 @@ class BatchedRwkv7Backend(TemplateStates):
             sa = out[t, :, :, 1:].view(B, H, N, 1)
         y = out[..., 0].view(T, B, C).transpose(0, 1)
         return y, state
+
+    def _wkv_one(
+        self,
+        state: torch.Tensor,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kk: torch.Tensor,
+        a: torch.Tensor,
+        *,
+        in_place: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One WKV step (T = 1) for [B, H, N, N] float32 states: (y [B, 1, C] fp32, new state).
+
+        The same recurrence as `_wkv`, `S' = S * w + (S @ -kk) b^T + v k^T` with `b = kk * a`, in
+        fewer passes over the states, which at decode batch sizes are far larger than the caches:
+        the output is taken from the old state, `S' r = S (w * r) + (S @ -kk)(b . r) + v (k . r)`, so
+        one product against two columns [-kk, w * r] reads S once for both, and the two rank-1 terms
+        are a single rank-2 `baddbmm_`. The update goes slice by slice (see `_WKV_SLICE_BYTES`) into
+        the input itself when `in_place`, else into a new tensor.
+        """
+        B, _, C = r.shape
+        H, N = self.n_head, self.head_size
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.float().reshape(B * H, N)
+
+        r_h, w_h, k_h, v_h, kk_h = heads(r), heads(w), heads(k), heads(v), heads(kk)
+        b_h = kk_h * heads(a)
+        cols = torch.stack((-kk_h, w_h * r_h), dim=-1)  # [BH, N, 2]
+        left = torch.empty_like(cols)  # [S @ -kk, v]: the rank-2 update's left factors
+        left[..., 1] = v_h
+        right = torch.stack((b_h, k_h), dim=-2)  # [BH, 2, N]
+        scale = w_h.unsqueeze(-2)  # [BH, 1, N]: decays the key columns
+        old = state.view(B * H, N, N)
+        new = old if in_place else torch.empty_like(old)
+        prod = torch.empty_like(cols)
+        # On a GPU one slice (every extra slice is four more kernel launches).
+        step = max(1, _WKV_SLICE_BYTES // (N * N * 4)) if old.device.type == "cpu" else B * H
+        for lo in range(0, B * H, step):
+            hi = lo + step
+            torch.bmm(old[lo:hi], cols[lo:hi], out=prod[lo:hi])
+            left[lo:hi, :, 0] = prod[lo:hi, :, 0]
+            torch.mul(old[lo:hi], scale[lo:hi], out=new[lo:hi])
+            new[lo:hi].baddbmm_(left[lo:hi], right[lo:hi])
+        y = prod[..., 1] + prod[..., 0] * (b_h * r_h).sum(-1, keepdim=True)
+        y += v_h * (k_h * r_h).sum(-1, keepdim=True)
+        return y.view(B, 1, C), new.view(B, H, N, N)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _project(x, weight, self.transposed_rows)

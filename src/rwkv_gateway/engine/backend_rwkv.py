@@ -14,7 +14,7 @@ import torch
 
 from rwkv_gateway.domain.engine import ModelInfo
 from rwkv_gateway.engine.live_state import TemplateStates
-from rwkv_gateway.engine.protocol import LiveState
+from rwkv_gateway.engine.protocol import LiveState, StatesConsumed
 
 
 class RwkvPackageBackend(TemplateStates):
@@ -63,18 +63,30 @@ class RwkvPackageBackend(TemplateStates):
         return state
 
     def forward(
-        self, token_lists: list[list[int]], states: list[LiveState | None]
+        self,
+        token_lists: list[list[int]],
+        states: list[LiveState | None],
+        *,
+        overwrite: bool = False,  # noqa: ARG002
     ) -> tuple[torch.Tensor, list[LiveState]]:
+        """One package forward per sequence. The package writes every state it is given in place,
+        whatever `overwrite` says, so a failure names the rows it had already written."""
         if len(token_lists) != len(states):
             raise ValueError("token_lists and states differ in length")
+        if not all(token_lists):
+            raise ValueError("every sequence in a batch needs at least one token")
         rows: list[torch.Tensor] = []
         out_states: list[LiveState] = []
         with torch.inference_mode():
-            for tokens, state in zip(token_lists, states, strict=True):
-                if not tokens:
-                    raise ValueError("every sequence in a batch needs at least one token")
+            for i, (tokens, state) in enumerate(zip(token_lists, states, strict=True)):
                 live = state if state is not None else self.zero_state()
-                logits, new_state = self.model.forward(list(tokens), live)
+                try:
+                    logits, new_state = self.model.forward(list(tokens), live)
+                except Exception as exc:
+                    written = frozenset(r for r in range(i + 1) if states[r] is not None)
+                    if written:
+                        raise StatesConsumed(written, exc) from exc
+                    raise
                 rows.append(logits.float().reshape(-1))
                 out_states.append(list(new_state))
         return torch.stack(rows), out_states

@@ -19,6 +19,15 @@ from rwkv_gateway.engine.snapshot import StateSnapshot
 LiveState = list[torch.Tensor]
 
 
+class StatesConsumed(Exception):
+    """A forward failed after it had already overwritten the input states of `rows` (indices into the
+    batch it was given): those sequences cannot be fed again; every other row's state is intact."""
+
+    def __init__(self, rows: frozenset[int], cause: BaseException) -> None:
+        super().__init__(f"forward failed after overwriting {len(rows)} input states: {cause!r}")
+        self.rows = rows
+
+
 class Backend(Protocol):
     """A model that advances a batch of sequences by one forward call. Runs on the model thread only."""
 
@@ -27,10 +36,12 @@ class Backend(Protocol):
     def zero_state(self) -> LiveState: ...
 
     def forward(
-        self, token_lists: list[list[int]], states: list[LiveState | None]
+        self, token_lists: list[list[int]], states: list[LiveState | None], *, overwrite: bool = False
     ) -> tuple[torch.Tensor, list[LiveState]]:
         """Feed each sequence its tokens; return logits [B, V] (float32, after each list's last token)
-        and the new states. Input states may be consumed (the `rwkv` package mutates them)."""
+        and the new states. With `overwrite` the caller gives the input states up: the backend may
+        write the new states into them (the `rwkv` package always does). A failure after any input
+        state was written raises `StatesConsumed` naming those rows."""
         ...
 
     def capture(

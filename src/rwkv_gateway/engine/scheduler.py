@@ -37,7 +37,7 @@ from rwkv_gateway.domain.types import (
     TokenEvent,
     Usage,
 )
-from rwkv_gateway.engine.protocol import Backend, LiveState
+from rwkv_gateway.engine.protocol import Backend, LiveState, StatesConsumed
 from rwkv_gateway.engine.sampler import Sampler, sample_batch
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
@@ -563,8 +563,21 @@ class Scheduler:
         return None
 
     def _forward(self, feed: list[tuple[_Sequence, list[int]]]) -> None:
+        # Each sequence owns its live state and replaces it with the new one below, so the backend may
+        # write the new states over the old ones.
         try:
-            logits, states = self.backend.forward([t for _, t in feed], [s.state for s, _ in feed])
+            logits, states = self.backend.forward(
+                [t for _, t in feed], [s.state for s, _ in feed], overwrite=True
+            )
+        except StatesConsumed as exc:
+            # Those rows' states are gone (half-advanced): they fail; the others can still be retried.
+            logger.exception("batched forward failed after writing %d states", len(exc.rows))
+            for row in sorted(exc.rows):
+                self._finish(feed[row][0], FinishReason.ERROR, error="model forward failed")
+            rest = [item for row, item in enumerate(feed) if row not in exc.rows]
+            for item in rest:
+                self._forward([item])
+            return
         except Exception:
             if len(feed) == 1:
                 seq = feed[0][0]
