@@ -40,6 +40,11 @@ _NUCLEUS_SORT_BAND = 2048
 _SEED_MASK = (1 << 64) - 1
 #: Block length of the two-level inverse-CDF draw (see `_draw`).
 _DRAW_BLOCK = 256
+#: Top-p from this value up is drawn by rejection (see `_draw_within`): at least this share of draws
+#: is accepted, so the expected number of tries stays at or below two.
+_REJECT_MIN_TOP_P = 0.5
+#: Rejected draws after which the nucleus is found exactly instead (a small nucleus).
+_REJECT_TRIES = 4
 #: A step samples its rows on several threads from this many rows on (fewer: not worth the hand-off).
 _PARALLEL_ROWS = 8
 
@@ -52,6 +57,15 @@ class _Dist:
     ids: torch.Tensor | None
     #: The full distribution the weights were selected from (before truncation).
     probs: torch.Tensor
+    #: Set when `weights` is all of `probs` but only its top-p nucleus for this top_p may be drawn
+    #: (the nucleus not searched for yet; see `_draw_within` and `nucleus`).
+    within: float | None = None
+
+    def nucleus(self) -> _Dist:
+        """The same distribution with every weight outside it zeroed (itself unless `within`)."""
+        if self.within is None:
+            return self
+        return _nucleus_by_histogram(self.probs, self.within)[0]
 
 
 class Sampler:
@@ -156,6 +170,10 @@ class Sampler:
             token = self._argmax(x)
         else:
             dist = self._distribution(x)
+            if dist.within is not None:
+                token = _draw_within(dist.weights.detach().to("cpu"), dist.within, self._generator)
+                self.accept(token)
+                return token
             j, p_chosen = _draw(dist.weights.detach().to("cpu"), self._generator)
             token = j if dist.ids is None else int(dist.ids[j])
             if self._mu is not None:
@@ -174,7 +192,7 @@ class Sampler:
             out = torch.zeros(self._vocab_size, dtype=torch.float32, device=x.device)
             out[self._argmax(x)] = 1.0
             return out
-        dist = self._distribution(x)
+        dist = self._distribution(x).nucleus()
         weights = dist.weights / dist.weights.sum()
         if dist.ids is None:
             return weights
@@ -289,6 +307,16 @@ class Sampler:
                 n = _nucleus_size(vals, self._top_p)
                 vals, ids = vals[:n], ids[:n]
             return self._min_p_prefix(vals, ids, probs)
+        if (
+            self._min_p <= 0.0
+            and not self._temperature_last
+            and self._top_p >= _REJECT_MIN_TOP_P
+            and probs.shape[0] > _NUCLEUS_SORT_VOCAB
+            and float(probs.max()) * _NUCLEUS_TRY_RATIO < self._top_p
+        ):
+            # A flat distribution's nucleus is large and costs a histogram search; drawing by
+            # rejection needs only the drawn token's rank (peaked ones take `_nucleus`'s topk).
+            return _Dist(probs, None, probs, within=self._top_p)
         dist, floor = _nucleus(probs, self._top_p)
         if self._min_p <= 0.0:
             return dist
@@ -491,17 +519,51 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> tuple[int, float
         total = float(weights.sum(dtype=torch.float64))
         j, _ = _inverse_cdf(weights, r * total)
     else:
-        pad = -n % _DRAW_BLOCK
-        padded = torch.cat([weights, weights.new_zeros(pad)]) if pad else weights
-        blocks = padded.reshape(-1, _DRAW_BLOCK)
-        block_sums = blocks.sum(1, dtype=torch.float64)
-        total = float(block_sums.sum())
-        u = r * total
-        b, before = _inverse_cdf(block_sums, u)
-        # u >= before, so the remainder is never negative; the chosen block has positive weight.
-        i, _ = _inverse_cdf(blocks[b], u - before)
-        j = b * _DRAW_BLOCK + i
+        blocks, block_sums, total = _blocks(weights)
+        j = _draw_from_blocks(blocks, block_sums, r * total)
     return j, float(weights[j]) / total
+
+
+def _blocks(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`weights` (zero-padded) as [blocks, _DRAW_BLOCK], each block's float64 sum, and the total."""
+    pad = -weights.shape[0] % _DRAW_BLOCK
+    padded = torch.cat([weights, weights.new_zeros(pad)]) if pad else weights
+    blocks = padded.reshape(-1, _DRAW_BLOCK)
+    block_sums = blocks.sum(1, dtype=torch.float64)
+    return blocks, block_sums, float(block_sums.sum())
+
+
+def _draw_from_blocks(blocks: torch.Tensor, block_sums: torch.Tensor, u: float) -> int:
+    """The index at cumulative weight `u` (0 <= u < total) of the blocked weights."""
+    b, before = _inverse_cdf(block_sums, u)
+    # u >= before, so the remainder is never negative; the chosen block has positive weight.
+    i, _ = _inverse_cdf(blocks[b], u - before)
+    return b * _DRAW_BLOCK + i
+
+
+def _draw_within(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
+    """Draw from the top-p nucleus of CPU `probs` without finding the nucleus first.
+
+    A token is in the nucleus exactly when the mass ranked before it (every more probable token, and
+    the equally probable ones with lower ids) is below top_p of the total: that is the prefix rule of
+    `_nucleus`. So a token drawn from all of `probs` and kept only when it passes that test follows
+    the renormalised nucleus distribution, at the cost of one pass over the vocabulary per try instead
+    of a histogram search. A try succeeds with probability at least top_p; after `_REJECT_TRIES`
+    misses the nucleus is searched for after all (the result is the same distribution either way).
+    """
+    blocks, block_sums, total = _blocks(probs)
+    target = top_p * total
+    for _ in range(_REJECT_TRIES):
+        r = float(torch.rand((), generator=generator, dtype=torch.float64))
+        j = _draw_from_blocks(blocks, block_sums, r * total)
+        p = float(probs[j])
+        # threshold() keeps the values above p; their float64 sum is the mass strictly before p.
+        above = float(torch.threshold(probs, p, 0.0).sum(dtype=torch.float64))
+        if above < target:
+            ties = int((probs[:j] == p).sum()) if j else 0
+            if above + ties * p < target:
+                return j
+    return _draw(_nucleus_by_histogram(probs, top_p)[0].weights, generator)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,7 +610,7 @@ def sample_batch(
         if pool is None or workers < 1 or len(pairs) < _PARALLEL_ROWS:
             return _sample_rows(pairs)
         parts = [pairs[i :: workers + 1] for i in range(workers + 1)]
-        futures = [pool.submit(_sample_rows, part) for part in parts[1:]]
+        futures = [pool.submit(_sample_rows_alone, part) for part in parts[1:]]
         results = [_sample_rows(parts[0]), *(f.result() for f in futures)]
         out: list[int | Exception] = [0] * len(pairs)
         for i, part in enumerate(results):
@@ -557,6 +619,14 @@ def sample_batch(
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def _sample_rows_alone(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
+    """`_sample_rows` on a helper thread, its torch ops single-threaded too (the intra-op thread count
+    is per thread, and a new thread starts with all cores)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return _sample_rows(pairs)
 
 
 def _sample_rows(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
