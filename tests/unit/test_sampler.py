@@ -806,3 +806,34 @@ def test_role_play_sampler_as_the_spec_computes_it() -> None:
     z2[0] = NEG_INF
     z2[token] = z2[token] / 1.2 if z2[token] > 0 else z2[token] * 1.2
     assert_dist(sampler.probabilities(logits), expected(z2, mu))
+
+
+def test_flat_top_p_rejection_draws_follow_the_nucleus_ties_by_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flat 65536-token row is drawn by rejection. 20 tied tokens hold 0.64 of the mass and top_p 0.5
+    cuts through them: the nucleus is the 16 lowest ids of the tie (the 16th's mass before it is 0.48),
+    each 1/16 of the draws; about 1 in 18 draws misses four times and takes the exact search."""
+    from rwkv_gateway.engine import sampler as sampler_mod
+
+    vocab = 65536
+    tied = sorted(torch.randperm(vocab, generator=torch.Generator().manual_seed(3))[:20].tolist())
+    probs = torch.full((vocab,), 0.36 / (vocab - 20), dtype=torch.float64)
+    probs[tied] = 0.032
+    logits = probs.log().float()
+    searches = {"n": 0}
+    real = sampler_mod._nucleus_by_histogram
+
+    def counted(p: torch.Tensor, top_p: float) -> Any:
+        searches["n"] += 1
+        return real(p, top_p)
+
+    monkeypatch.setattr(sampler_mod, "_nucleus_by_histogram", counted)
+    sampler = make(vocab, top_p=0.5, seed=11)
+    allowed = torch.nonzero(sampler.probabilities(logits)).flatten().tolist()
+    assert allowed == tied[:16]
+    searches["n"] = 0
+    draws = 3200
+    counts = Counter(sampler.sample(logits) for _ in range(draws))
+    assert set(counts) == set(tied[:16])
+    for token in tied[:16]:
+        assert counts[token] / draws == pytest.approx(1 / 16, abs=0.02)
+    assert 0 < searches["n"] < draws / 6  # the fallback ran, and only for the unlucky draws
