@@ -232,8 +232,9 @@ class Sampler:
             raise ValueError(f"expected logits of shape [{self._vocab_size}], got {list(logits.shape)}")
         # Nothing below writes into the row it is given, so without adjustments no copy is needed.
         x = logits.detach().to(dtype=torch.float32, copy=not self._plain)
-        # max() propagates NaN and costs a tenth of isnan().any() on a 65536-wide CPU vector.
-        if math.isnan(float(x.max())):
+        # max() propagates NaN and costs a tenth of isnan().any() on a 65536-wide CPU vector. Draws
+        # take the maximum anyway (`_filtered`), so only greedy rows need it here.
+        if self._greedy and math.isnan(float(x.max())):
             raise GenerationFailed("model produced NaN logits")
         if not self._plain:
             self._adjust_(x)
@@ -278,6 +279,8 @@ class Sampler:
 
     def _filtered(self, x: torch.Tensor) -> _Dist:
         top = float(x.max())
+        if math.isnan(top):
+            raise GenerationFailed("model produced NaN logits")
         if top == _NEG_INF:
             raise GenerationFailed("every token is banned or has -inf logit; nothing can be sampled")
         # With +inf logits softmax would give NaN; its limit shares all the mass among the +inf tokens.
