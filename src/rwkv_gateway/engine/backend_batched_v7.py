@@ -2,7 +2,8 @@
 
 This module owns an independent implementation of the RWKV-7 ("Goose") forward pass that works on a
 whole batch at once: per layer, one matmul per weight for every decoding row together, and the WKV
-state update as a rank-1 correction batched over [B, H, N, N]. It reads the same `.pth` checkpoints
+state update as a rank-1 correction batched over [B, H, N, N] (for decode steps: written over the
+old states when the scheduler gives them up, see `forward`). It reads the same `.pth` checkpoints
 the `rwkv` package reads, applies the same weight transforms (`RWKV_x070.__init__`), and keeps live
 states in the package's exact layout (per layer: att token-shift row [C], WKV matrix [H, N, N] float32,
 ffn token-shift row [C]) with the same `model_id`, so snapshots taken by either backend restore in
