@@ -380,28 +380,26 @@ class BatchedRwkv7Backend(TemplateStates):
         in_place = overwrite and 1 in groups and _rows_of_one_batch([live[r] for r in groups[1]])
         if in_place:
             groups[1] = groups.pop(1)  # last: a failure before it leaves every state intact
+
+        def run(rows: list[int], writes: bool) -> tuple[torch.Tensor, list[LiveState]]:
+            try:
+                return self._forward_group(
+                    [token_lists[r] for r in rows], [live[r] for r in rows], in_place=writes
+                )
+            except Exception as exc:
+                if writes:
+                    raise StatesConsumed(frozenset(rows), exc) from exc
+                raise
+
         out_states: list[LiveState] = [[] for _ in token_lists]
         with torch.inference_mode():
             if len(groups) == 1:
-                try:
-                    return self._forward_group(token_lists, live, in_place=in_place)
-                except Exception as exc:
-                    if in_place:
-                        raise StatesConsumed(frozenset(range(len(token_lists))), exc) from exc
-                    raise
+                return run(next(iter(groups.values())), in_place)
             logits = torch.empty(
                 (len(token_lists), self.info.vocab_size), dtype=torch.float32, device=self.device
             )
             for length, rows in groups.items():
-                writes = in_place and length == 1
-                try:
-                    group_logits, new = self._forward_group(
-                        [token_lists[r] for r in rows], [live[r] for r in rows], in_place=writes
-                    )
-                except Exception as exc:
-                    if writes:
-                        raise StatesConsumed(frozenset(rows), exc) from exc
-                    raise
+                group_logits, new = run(rows, in_place and length == 1)
                 logits[torch.tensor(rows, device=self.device)] = group_logits
                 for r, st in zip(rows, new, strict=True):
                     out_states[r] = st

@@ -172,15 +172,15 @@ class Sampler:
             dist = self._distribution(x)
             if dist.within is not None:
                 token = _draw_within(dist.weights.detach().to("cpu"), dist.within, self._generator)
-                self.accept(token)
-                return token
-            j, p_chosen = _draw(dist.weights.detach().to("cpu"), self._generator)
-            token = j if dist.ids is None else int(dist.ids[j])
-            if self._mu is not None:
-                if self._rwkv_mirostat:
-                    p_chosen = float(dist.probs[token])  # untruncated (temperature 1 with temperature_last)
-                surprise = -math.log2(p_chosen) if p_chosen > 0 else math.inf
-                self._mu -= self._params.mirostat_eta * (surprise - self._tau)
+            else:
+                j, p_chosen = _draw(dist.weights.detach().to("cpu"), self._generator)
+                token = j if dist.ids is None else int(dist.ids[j])
+                if self._mu is not None:
+                    if self._rwkv_mirostat:
+                        # untruncated (temperature 1 with temperature_last)
+                        p_chosen = float(dist.probs[token])
+                    surprise = -math.log2(p_chosen) if p_chosen > 0 else math.inf
+                    self._mu -= self._params.mirostat_eta * (surprise - self._tau)
         self.accept(token)
         return token
 
@@ -310,17 +310,19 @@ class Sampler:
                 n = _nucleus_size(vals, self._top_p)
                 vals, ids = vals[:n], ids[:n]
             return self._min_p_prefix(vals, ids, probs)
+        peak: float | None = None
         if (
             self._min_p <= 0.0
             and not self._temperature_last
             and self._top_p >= _REJECT_MIN_TOP_P
             and probs.shape[0] > _NUCLEUS_SORT_VOCAB
-            and float(probs.max()) * _NUCLEUS_TRY_RATIO < self._top_p
         ):
-            # A flat distribution's nucleus is large and costs a histogram search; drawing by
-            # rejection needs only the drawn token's rank (peaked ones take `_nucleus`'s topk).
-            return _Dist(probs, None, probs, within=self._top_p)
-        dist, floor = _nucleus(probs, self._top_p)
+            peak = float(probs.max())
+            if peak * _NUCLEUS_TRY_RATIO < self._top_p:
+                # A flat distribution's nucleus is large and costs a histogram search; drawing by
+                # rejection needs only the drawn token's rank (peaked ones take `_nucleus`'s topk).
+                return _Dist(probs, None, probs, within=self._top_p)
+        dist, floor = _nucleus(probs, self._top_p, peak=peak)
         if self._min_p <= 0.0:
             return dist
         if dist.ids is not None:
@@ -342,10 +344,11 @@ class Sampler:
         return _Dist(vals, ids, probs)
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
+def _nucleus(probs: torch.Tensor, top_p: float, *, peak: float | None = None) -> tuple[_Dist, float]:
     """Top-p of float32 `probs` (non-negative, some positive): the smallest set of most probable tokens
     holding `top_p` of the mass, ties at the boundary going to the lower ids (top_p 0: the top token).
-    Also returns the set's smallest probability, `floor`: every token above it is in the set.
+    Also returns the set's smallest probability, `floor`: every token above it is in the set. `peak`
+    is `probs.max()` when the caller already has it.
 
     Sorting 65536 floats costs milliseconds on CPU, so only the tokens whose order matters are ordered:
 
@@ -369,7 +372,7 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[_Dist, float]:
         vals, ids = torch.sort(probs, descending=True, stable=True)
         n = _nucleus_size(vals, top_p)
         return _Dist(vals[:n], ids[:n], probs), float(vals[n - 1])
-    if float(probs.max()) * _NUCLEUS_TRY_RATIO >= top_p:
+    if (float(probs.max()) if peak is None else peak) * _NUCLEUS_TRY_RATIO >= top_p:
         k = min(_NUCLEUS_FIRST_K, probs.shape[0])
         vals, ids = torch.topk(probs, k)
         target = top_p * float(probs.sum(dtype=torch.float64))

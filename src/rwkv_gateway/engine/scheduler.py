@@ -569,24 +569,22 @@ class Scheduler:
             logits, states = self.backend.forward(
                 [t for _, t in feed], [s.state for s, _ in feed], overwrite=True
             )
-        except StatesConsumed as exc:
-            # Those rows' states are gone (half-advanced): they fail; the others can still be retried.
-            logger.exception("batched forward failed after writing %d states", len(exc.rows))
-            for row in sorted(exc.rows):
-                self._finish(feed[row][0], FinishReason.ERROR, error="model forward failed")
-            rest = [item for row, item in enumerate(feed) if row not in exc.rows]
-            for item in rest:
-                self._forward([item])
-            return
-        except Exception:
-            if len(feed) == 1:
-                seq = feed[0][0]
+        except Exception as exc:
+            # Rows whose states the failed call wrote (half-advanced) cannot be fed again, nor can a lone
+            # row: they fail. The others were only read: retried one by one, so that one bad request
+            # does not fail the whole batch.
+            if isinstance(exc, StatesConsumed):
+                lost = exc.rows
+            else:
+                lost = frozenset({0}) if len(feed) == 1 else frozenset()
+            for row in sorted(lost):
+                seq = feed[row][0]
                 logger.exception("model forward failed for request %s", seq.request.request_id)
                 self._finish(seq, FinishReason.ERROR, error="model forward failed")
-                return
-            # Find the culprit: one bad request must not fail the whole batch.
-            logger.warning("batched forward failed; retrying %d sequences one by one", len(feed))
-            for item in feed:
+            rest = [item for row, item in enumerate(feed) if row not in lost]
+            if rest:
+                logger.warning("batched forward failed; retrying %d sequences one by one", len(rest))
+            for item in rest:
                 self._forward([item])
             return
         for (seq, tokens), row, state in zip(feed, logits, states, strict=True):
