@@ -224,6 +224,24 @@ class RoleplayService:
         guard.replying = False
         guard.lock.release()
 
+    @contextlib.asynccontextmanager
+    async def _claimed_chat(self, account: Account, name: str) -> AsyncIterator[tuple[_Guard, _Chat]]:
+        """Claim (user, character) for a reply and load its chat. If the body fails (before the reply
+        is admitted) the claim is released again; otherwise the reply job releases it when it ends."""
+        checked = valid_name(name)
+        if checked is None:
+            raise RoleplayFailure(MSG_NOT_LOADED)
+        guard = await self._claim_for_reply(account, checked)
+        try:
+            async with self._sessions() as session:
+                chat = await self._chat_of(session, account, checked)
+            if chat is None:
+                raise RoleplayFailure(MSG_NOT_LOADED)
+            yield guard, chat
+        except BaseException:
+            self._release_reply(guard)
+            raise
+
     async def _get_state(self, engine: Engine, key: str | None) -> Snapshot | None:
         if key is None:
             return None
@@ -542,15 +560,7 @@ class RoleplayService:
         prompt = (prompt or "").strip()
         if not name or not prompt:
             raise RoleplayFailure(MSG_EMPTY)
-        checked = valid_name(name)
-        if checked is None:
-            raise RoleplayFailure(MSG_NOT_LOADED)
-        guard = await self._claim_for_reply(account, checked)
-        try:
-            async with self._sessions() as session:
-                chat = await self._chat_of(session, account, checked)
-            if chat is None:
-                raise RoleplayFailure(MSG_NOT_LOADED)
+        async with self._claimed_chat(account, name) as (guard, chat):
             engine = self._engine()
             card = card_text(chat.character)
             current = await self._node_state(engine, chat, len(chat.nodes) - 1, account)
@@ -558,9 +568,6 @@ class RoleplayService:
             pre = await self._feed(engine, current, turn_text, account)
             request = self._reply_request(engine, pre, turn_text, sampling, account)
             stream = await engine.submit(request)
-        except BaseException:
-            self._release_reply(guard)
-            raise
         last_id, last_position = chat.last.id, chat.last.position
         conversation_id = chat.conversation.id
 
@@ -632,15 +639,7 @@ class RoleplayService:
         """Admit a new reply to the last user turn, generated from its stored pre-reply state."""
         if not name:
             raise RoleplayFailure(MSG_EMPTY)
-        checked = valid_name(name)
-        if checked is None:
-            raise RoleplayFailure(MSG_NOT_LOADED)
-        guard = await self._claim_for_reply(account, checked)
-        try:
-            async with self._sessions() as session:
-                chat = await self._chat_of(session, account, checked)
-            if chat is None:
-                raise RoleplayFailure(MSG_NOT_LOADED)
+        async with self._claimed_chat(account, name) as (guard, chat):
             turns = chat.turns
             if not turns or turns[-1].user is None or turns[-1].bot is None:
                 raise RoleplayFailure(MSG_NOT_STARTED)
@@ -650,9 +649,6 @@ class RoleplayService:
             turn_text = user_node.context_text or user_turn(card_text(chat.character), user_node.text)
             request = self._reply_request(engine, pre, turn_text, sampling, account)
             stream = await engine.submit(request)
-        except BaseException:
-            self._release_reply(guard)
-            raise
         bot_id, old_key = bot_node.id, bot_node.state_key
 
         async def commit(raw: str, final: str, finish: Finish) -> None:
