@@ -85,19 +85,32 @@ def _log_tail(log: Path, lines: int = 40) -> str:
 
 @contextlib.contextmanager
 def live_server(
-    model: Path, data_dir: Path, *, api_key: str = API_KEY, **settings: str
+    model: Path | None,
+    data_dir: Path,
+    *,
+    api_key: str = API_KEY,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    ready_s: float = 120,
+    **settings: str,
 ) -> Iterator[LiveServer]:
-    """Start `rwkv_gateway serve`; `settings` become RWKV_GATEWAY_<NAME> variables."""
+    """Start `rwkv_gateway serve` (on the demo model when `model` is None) on `port` (default: a
+    free one), in `env` (default: this process's environment); `settings` become RWKV_GATEWAY_<NAME>
+    variables."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {**os.environ, **{f"RWKV_GATEWAY_{k.upper()}": v for k, v in settings.items()}}
+    port = free_port() if port is None else port
+    base = dict(os.environ) if env is None else env
+    env = {**base, **{f"RWKV_GATEWAY_{k.upper()}": v for k, v in settings.items()}}
     log = data_dir / "server.log"
-    cmd = [*CLI, "serve", "--model", str(model), "--data-dir", str(data_dir), "--port", str(port)]
+    cmd = [*CLI, "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    if model is not None:
+        cmd += ["--model", str(model)]
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=model.stem, api_key=api_key)
+    name = model.stem if model is not None else "rwkv-demo"
+    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=name, api_key=api_key)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_s
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
@@ -118,6 +131,35 @@ def live_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+#: The port the rwkv-api SDK's own suite hard-codes (http://localhost:8000).
+SDK_PORT = 8000
+#: The demo model the SDK-suite server writes and serves (see Settings.demo_layers / demo_embd).
+SDK_DEMO_SIZE = {"demo_layers": "4", "demo_embd": "256"}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def sdk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m rwkv_gateway serve` on 127.0.0.1:8000 with no model configured (the demo model),
+    none of this environment's RWKV_GATEWAY_* settings, and a 4x256 demo model."""
+    if not _port_free(SDK_PORT):
+        pytest.skip(
+            f"port {SDK_PORT} is in use; the rwkv-api suite only talks to http://localhost:{SDK_PORT}"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GATEWAY_")}
+    data_dir = tmp_path_factory.mktemp("rwkv-api-server")
+    with live_server(None, data_dir, port=SDK_PORT, env=env, ready_s=180, **SDK_DEMO_SIZE) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

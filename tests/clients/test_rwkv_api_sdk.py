@@ -2,92 +2,28 @@
 
 The suite is vendored unchanged from the `rwkv-api==0.1.2` sdist (MIT, see rwkv_api_suite/LICENSE)
 under `rwkv_api_suite/tests`, which the main run does not collect. It hard-codes
-`http://localhost:8000` and skips every integration test unless `GET /v1/models` answers, so this
-module serves a generated RWKV-7 model on exactly that port (skipping, with the reason, if the port
-is taken), runs the suite in a pytest subprocess with the sdist's own pytest settings, and requires
-all 46 tests to pass (a skip counts as a failure). The model has 4 layers of width 256: the suite
-needs 500 tokens to take longer than half a second (`test_wait_timeout`).
+`http://localhost:8000` and skips every integration test unless `GET /v1/models` answers, so the
+`sdk_server` fixture (tests/clients/conftest.py) serves a generated RWKV-7 model on exactly that port
+(skipping, with the reason, if the port is taken); this module runs the suite in a pytest subprocess
+with the sdist's own pytest settings, and requires all 46 tests to pass (a skip counts as a failure).
+The model has 4 layers of width 256: the suite needs 500 tokens to take longer than half a second
+(`test_wait_timeout`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 SUITE = Path(__file__).parent / "rwkv_api_suite" / "tests"
-SDK_PORT = 8000
 SDK_TESTS = 46
-#: The demo model the server writes and serves (see Settings.demo_layers / demo_embd).
-DEMO_SIZE = {"RWKV_GATEWAY_DEMO_LAYERS": "4", "RWKV_GATEWAY_DEMO_EMBD": "256"}
 #: The sdist's [tool.pytest.ini_options], plus the loop scope pytest-asyncio asks to be set.
 SUITE_INI = "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@pytest.fixture(scope="module")
-def sdk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m rwkv_gateway serve` on 127.0.0.1:8000 with no model configured (the demo model)."""
-    if not _port_free(SDK_PORT):
-        pytest.skip(
-            f"port {SDK_PORT} is in use; the rwkv-api suite only talks to http://localhost:{SDK_PORT}"
-        )
-    data_dir = tmp_path_factory.mktemp("rwkv-api-server")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GATEWAY_")}
-    env.update(DEMO_SIZE)
-    log = data_dir / "server.log"
-    cmd = [sys.executable, "-m", "rwkv_gateway", "serve", "--data-dir", str(data_dir)]
-    cmd += ["--port", str(SDK_PORT)]
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{SDK_PORT}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server never became ready:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_vendored_suite_is_the_sdk_suite() -> None:
