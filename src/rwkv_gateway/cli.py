@@ -22,6 +22,7 @@ from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from rwkv_gateway.services.credentials import CredentialKind, CredentialService
     from rwkv_gateway.services.users import UserService
@@ -291,13 +292,15 @@ def _kind(value: str) -> CredentialKind:
     return cast("CredentialKind", value)
 
 
-def _with_credentials(
-    data_dir: Path | None, db_url: str | None, call: Callable[[CredentialService], Awaitable[T]]
+def _with_sessions(
+    data_dir: Path | None,
+    db_url: str | None,
+    call: Callable[[async_sessionmaker[AsyncSession], Settings], Awaitable[T]],
 ) -> T:
-    """Bring the database up to date, then return what `call` does with a CredentialService on it."""
+    """Bring the database up to date, then return what `call` does with a session factory on it (the
+    database engine is disposed of afterwards); a GatewayError ends the command with its message."""
     from rwkv_gateway.db.migrate import upgrade
     from rwkv_gateway.db.session import create_db_engine, make_session_factory
-    from rwkv_gateway.services.credentials import CredentialService
 
     # No mkdir of the data dir: with --db-url it is not used, and a SQLite file's directory is made
     # by the engine.
@@ -311,7 +314,7 @@ def _with_credentials(
     async def run() -> T:
         engine = create_db_engine(settings.database_url)
         try:
-            return await call(CredentialService(make_session_factory(engine)))
+            return await call(make_session_factory(engine), settings)
         finally:
             await engine.dispose()
 
@@ -319,6 +322,15 @@ def _with_credentials(
         return asyncio.run(run())
     except GatewayError as exc:
         _fail(exc.message, code=1)
+
+
+def _with_credentials(
+    data_dir: Path | None, db_url: str | None, call: Callable[[CredentialService], Awaitable[T]]
+) -> T:
+    """What `call` does with a CredentialService on the up-to-date database."""
+    from rwkv_gateway.services.credentials import CredentialService
+
+    return _with_sessions(data_dir, db_url, lambda sessions, _: call(CredentialService(sessions)))
 
 
 @keys_app.command("create")
@@ -403,29 +415,16 @@ def keys_revoke(
 
 
 def _with_users(data_dir: Path | None, db_url: str | None, call: Callable[[UserService], Awaitable[T]]) -> T:
-    """Bring the database up to date, then return what `call` does with a UserService on it."""
-    from rwkv_gateway.db.migrate import upgrade
-    from rwkv_gateway.db.session import create_db_engine, make_session_factory
+    """What `call` does with a UserService on the up-to-date database."""
     from rwkv_gateway.services.users import UserService
 
-    settings = _settings(data_dir=data_dir, db_url=db_url)
-    try:
-        upgrade(settings.database_url)
-    except Exception as exc:
-        _fail(f"migration failed: {exc}", code=1)
-
-    async def run() -> T:
-        engine = create_db_engine(settings.database_url)
-        try:
-            sessions = make_session_factory(engine)
-            return await call(UserService(sessions, defaults_dir=settings.roleplay_default_characters))
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(run())
-    except GatewayError as exc:
-        _fail(exc.message, code=1)
+    return _with_sessions(
+        data_dir,
+        db_url,
+        lambda sessions, settings: call(
+            UserService(sessions, defaults_dir=settings.roleplay_default_characters)
+        ),
+    )
 
 
 @users_app.command("add")
