@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -133,16 +133,9 @@ def card_text(character: Character) -> CardText:
 
 
 def card_dict(character: Character) -> dict[str, Any]:
-    """The card as `/characters/get` returns it (the reference's save layout and key order)."""
-    return {
-        "user": character.user_alias,
-        "bot": character.name,
-        "greeting": character.greeting,
-        "bot_persona": character.persona,
-        "example_message": character.example_message,
-        "use_qa": character.use_qa,
-        "avatar": character.avatar,
-    }
+    """The card as `/characters/get` returns it: the reference's save layout and key order, which are
+    CardFields' fields in order."""
+    return asdict(card_fields(character))
 
 
 def card_fields(character: Character) -> CardFields:
