@@ -142,9 +142,10 @@ def test_oauth_mode_sync_stream(srv: BaiduServer) -> None:
     check_chunks([chunk.body for chunk in stream], expected)
 
 
-async def test_oauth_mode_async_and_async_stream(srv: BaiduServer) -> None:
+@pytest.mark.parametrize("mode", ["oauth", "iam"])
+async def test_async_and_async_stream_in_both_auth_modes(srv: BaiduServer, mode: str) -> None:
     expected = await asyncio.to_thread(raw_greedy, srv, HELLO, max_output_tokens=40)
-    client = oauth_client(srv)
+    client = oauth_client(srv) if mode == "oauth" else iam_client(srv)
     resp = await client.ado(endpoint=ENDPOINT, messages=HELLO, **{**GREEDY, "max_output_tokens": 40})
     assert resp.body["result"] == expected["result"]
     stream = await client.ado(
@@ -209,17 +210,6 @@ def test_iam_mode_sync_and_stream(srv: BaiduServer) -> None:
     assert resp.body["result"] == expected["result"]
     stream = client.do(endpoint=ENDPOINT, messages=HELLO, stream=True, **{**GREEDY, "max_output_tokens": 40})
     check_chunks([chunk.body for chunk in stream], expected)
-
-
-async def test_iam_mode_async_and_async_stream(srv: BaiduServer) -> None:
-    expected = await asyncio.to_thread(raw_greedy, srv, HELLO, max_output_tokens=40)
-    client = iam_client(srv)
-    resp = await client.ado(endpoint=ENDPOINT, messages=HELLO, **{**GREEDY, "max_output_tokens": 40})
-    assert resp.body["result"] == expected["result"]
-    stream = await client.ado(
-        endpoint=ENDPOINT, messages=HELLO, stream=True, **{**GREEDY, "max_output_tokens": 40}
-    )
-    check_chunks([chunk.body async for chunk in stream], expected)
 
 
 def test_iam_credentials_from_the_environment_with_the_console_lookup(
