@@ -22,11 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spawn import serve, wait_ready, write_model
 from stats import percentile, save_result
 
 if TYPE_CHECKING:
@@ -117,79 +114,16 @@ async def decode_run(
 # ---------------------------------------------------------------------------- a server of our own
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> dict[str, Any]:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        try:
-            resp = httpx.get(f"{url}/readyz", timeout=5)
-            if resp.status_code == 200:
-                body: dict[str, Any] = resp.json()
-                return body
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} did not become ready within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def spawn_demo(shape: str, strategy: str, max_concurrency: int) -> Iterator[str]:
     """Generate a v7 checkpoint of LAYERSxWIDTH, serve it on a free port, yield its URL, stop it."""
-    try:
-        layers, embd = (int(x) for x in shape.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--spawn-demo wants LAYERSxWIDTH such as 2x128, not {shape!r}") from None
-    cli = [sys.executable, "-m", "rwkv_gateway"]
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        model = Path(tmp) / f"bench-v7-L{layers}-D{embd}.pth"
-        demo = [*cli, "demo-model", str(model), "--layers", str(layers), "--embd", str(embd)]
-        subprocess.run(demo, check=True, stdout=subprocess.DEVNULL)
-        port = free_port()
         env = {
-            **os.environ,
             "RWKV_GATEWAY_MAX_BATCH_SIZE": str(max(max_concurrency, 1)),
             "RWKV_GATEWAY_QUEUE_SIZE": str(max(2 * max_concurrency, 16)),
-            "RWKV_GATEWAY_LOG_LEVEL": "warning",
         }
-        serve = [
-            *cli,
-            "serve",
-            "--model",
-            str(model),
-            "--strategy",
-            strategy,
-            "--data-dir",
-            str(Path(tmp) / "data"),
-            "--port",
-            str(port),
-        ]
-        log_path = Path(tmp) / "server.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(serve, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc, timeout=300)
-            yield url
-        except BaseException:
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with serve(write_model(shape, Path(tmp)), strategy, Path(tmp), env) as server:
+            yield server.url
 
 
 # ---------------------------------------------------------------------------- the run

@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="sequences advanced together")
     prefill_chunk: int = Field(default=128, ge=1, le=8192, description="prompt tokens per sequence per step")
     prefill_budget: int = Field(default=512, ge=1, description="prompt tokens across all sequences per step")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="intra-op threads of the model thread (default: one per core)",
+    )
+    sample_threads: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description="threads sampling beside the model thread (default: torch_threads - 1)",
+    )
     state_cache_mb: int = Field(default=1024, ge=0, description="RAM budget for cached state snapshots")
     live_state_mb: int = Field(
         default=0, ge=0, description="memory for the running sequences' states (0: max_batch_size decides)"

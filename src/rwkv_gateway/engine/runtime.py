@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rwkv_gateway.engine.loader import inspect_checkpoint, load_model
 from rwkv_gateway.engine.protocol import Backend
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.states import StateStore
+from rwkv_gateway.engine.threads import model_thread
 from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
 from rwkv_gateway.errors import ModelLoadError
 from rwkv_gateway.settings import Settings
@@ -33,6 +35,8 @@ DEMO_WARNING = (
 class LoadedModel:
     backend: Backend
     tokenizer: Tokenizer
+    #: The thread the model was loaded on, which runs every step after (engine/threads.py).
+    thread: ThreadPoolExecutor | None = None
 
 
 def resolve_model_path(settings: Settings) -> tuple[Path, bool]:
@@ -46,7 +50,19 @@ def resolve_model_path(settings: Settings) -> tuple[Path, bool]:
 
 
 def load(settings: Settings) -> LoadedModel:
-    """Load tokenizer and model as configured (blocking)."""
+    """Load tokenizer and model as configured (blocking), on the model thread that will serve it: the
+    load-time measurements then use that thread's torch threads, and no other thread starts a team."""
+    thread = model_thread(settings.torch_threads)
+    try:
+        loaded = thread.submit(_load, settings).result()
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
+    loaded.thread = thread
+    return loaded
+
+
+def _load(settings: Settings) -> LoadedModel:
     path, is_demo = resolve_model_path(settings)
     if is_demo:
         logger.warning(DEMO_WARNING, path)
@@ -88,10 +104,14 @@ def build_scheduler(
         max_new_tokens=settings.max_new_tokens,
         prefix_cache=settings.prefix_cache,
         live_state_bytes=settings.live_state_mb * 2**20,
+        torch_threads=settings.torch_threads,
+        sample_threads=settings.sample_threads,
     )
     store = StateStore(
         settings.state_dir,
         budget_bytes=settings.state_cache_mb * 2**20,
         model_id=loaded.backend.info.model_id,
     )
-    return Scheduler(loaded.backend, loaded.tokenizer, config, on_finish=on_finish, states=store)
+    return Scheduler(
+        loaded.backend, loaded.tokenizer, config, on_finish=on_finish, states=store, executor=loaded.thread
+    )

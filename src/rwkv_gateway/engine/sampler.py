@@ -9,6 +9,7 @@ generator). It runs on the model thread; logits may live on CPU or CUDA, the dra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from rwkv_gateway.domain.types import SamplingParams
+from rwkv_gateway.engine.threads import on_one_thread, single_threaded
 from rwkv_gateway.errors import GenerationFailed
 
 __all__ = ["Sampler"]
@@ -607,10 +609,7 @@ def sample_batch(
     # every op waits on a barrier, which costs a few times the op itself on an idle CPU and up to 10x
     # more when another process holds a core. Rows run in parallel instead (torch releases the GIL in
     # its kernels). Matmuls in the forward keep the configured threads.
-    threads = torch.get_num_threads()
-    if threads > 1 and rows[0].device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with on_one_thread() if rows[0].device.type == "cpu" else contextlib.nullcontext():
         pairs = list(zip(samplers, rows, strict=True))
         workers = pool_workers
         if pool is None or workers < 1 or len(pairs) < _PARALLEL_ROWS:
@@ -622,16 +621,12 @@ def sample_batch(
         for i, part in enumerate(results):
             out[i :: workers + 1] = part
         return out
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def _sample_rows_alone(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
     """`_sample_rows` on a helper thread, its torch ops single-threaded too (the intra-op thread count
     is per thread, and a new thread starts with all cores)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    single_threaded()
     return _sample_rows(pairs)
 
 

@@ -42,6 +42,7 @@ from rwkv_gateway.engine.sampler import Sampler, sample_batch
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
+from rwkv_gateway.engine.threads import default_torch_threads, helper_pool, model_thread
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.errors import (
     ConfigError,
@@ -74,6 +75,10 @@ class EngineConfig:
     #: Memory for the live states of running sequences (0: no limit beyond max_batch_size). What does
     #: not fit waits in the queue, which keeps its bound.
     live_state_bytes: int = 0
+    #: Intra-op threads of the model thread (None: torch's default, one per core).
+    torch_threads: int | None = None
+    #: Threads that sample a step's rows besides the model thread (None: torch_threads - 1).
+    sample_threads: int | None = None
 
 
 class GenerationStream:
@@ -170,7 +175,9 @@ class Scheduler:
         *,
         on_finish: Callable[[RequestRecord], None] | None = None,
         states: StateStore | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`executor`: the model thread, when the model was loaded on it (`threads.model_thread`)."""
         self.backend = backend
         #: Snapshot cache shared with services (role-play nodes, tasks); prefix reuse comes later.
         self.states = states
@@ -182,14 +189,14 @@ class Scheduler:
         self._active: list[_Sequence] = []
         #: Taken from the queue but waiting: for a free slot, or for another sequence's checkpoint.
         self._deferred: list[_Sequence] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-model")
+        #: The model thread: the one thread that runs multi-threaded torch ops (engine/threads.py).
+        self._executor = executor or model_thread(self.config.torch_threads)
         #: Helpers of the model thread for sampling a step's rows on the other CPU cores.
-        self._sample_workers = max(0, torch.get_num_threads() - 1)
-        self._sample_pool = (
-            ThreadPoolExecutor(max_workers=self._sample_workers, thread_name_prefix="rwkv-sample")
-            if self._sample_workers
-            else None
-        )
+        if self.config.sample_threads is None:
+            self._sample_workers = max(0, (self.config.torch_threads or default_torch_threads()) - 1)
+        else:
+            self._sample_workers = self.config.sample_threads
+        self._sample_pool = helper_pool(self._sample_workers, "rwkv-sample") if self._sample_workers else None
         self.max_active = self._slots(self.config, backend)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -204,7 +211,12 @@ class Scheduler:
             "cached_tokens": 0,
             "followup_tokens": 0,
             "checkpoints": 0,
+            "decode_rows": 0,
         }
+        #: Where the engine's time goes (seconds): model-thread steps, and within them the forwards and
+        #: the sampling; `loop` is the time between steps while sequences were active (the event loop
+        #: delivering, admitting and waiting for consumers).
+        self.timers: dict[str, float] = {"step": 0.0, "forward": 0.0, "sample": 0.0, "loop": 0.0}
 
     @staticmethod
     def _slots(config: EngineConfig, backend: Backend) -> int:
@@ -299,6 +311,7 @@ class Scheduler:
             "max_batch_size": self.config.max_batch_size,
             "max_active": self.max_active,
             **self.counters,
+            **{f"{name}_seconds": value for name, value in self.timers.items()},
         }
 
     # ------------------------------------------------------------------ admission
@@ -400,14 +413,19 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._queue is not None and self._wakeup is not None
         loop = asyncio.get_running_loop()
+        last_step_end: float | None = None
         while True:
             self._admit()
             if not self._active:
                 self._wakeup.clear()
+                last_step_end = None
                 if self._queue.empty():
                     await self._wakeup.wait()
                 continue
             batch = list(self._active)
+            started = time.perf_counter()
+            if last_step_end is not None:
+                self.timers["loop"] += started - last_step_end
             try:
                 await loop.run_in_executor(self._executor, self._step, batch)
             except asyncio.CancelledError:
@@ -418,6 +436,8 @@ class Scheduler:
                     if not seq.done:
                         self._finish(seq, FinishReason.ERROR, error="internal engine error")
             self.counters["steps"] += 1
+            last_step_end = time.perf_counter()
+            self.timers["step"] += last_step_end - started
             for seq in batch:
                 self._deliver(seq)
             self._active = [s for s in self._active if not s.done]
@@ -513,10 +533,13 @@ class Scheduler:
             elif seq.last_token is not None:
                 feed.append((seq, [seq.last_token]))
                 seq.last_token = None
+                self.counters["decode_rows"] += 1
             elif seq.logits is None:  # pragma: no cover - admission guarantees tokens or logits
                 self._finish(seq, FinishReason.ERROR, error="nothing to generate from")
         if feed:
+            t0 = time.perf_counter()
             self._forward(feed)
+            self.timers["forward"] += time.perf_counter() - t0
             now = time.monotonic()
         ready: list[_Sequence] = []
         for seq in batch:
@@ -531,12 +554,14 @@ class Scheduler:
                     ready.append(seq)
         if ready:
             # Every row that needs a token is sampled together (one device-to-host copy on a GPU).
+            t0 = time.perf_counter()
             results = sample_batch(
                 [s.sampler for s in ready],
                 [s.logits for s in ready if s.logits is not None],
                 pool=self._sample_pool,
                 pool_workers=self._sample_workers,
             )
+            self.timers["sample"] += time.perf_counter() - t0
             for seq, result in zip(ready, results, strict=True):
                 self._take_token(seq, result, now)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rwkv_gateway.engine.snapshot import StateLayout, StateSnapshot, dtype_from_name
+from rwkv_gateway.engine.threads import on_one_thread
 from rwkv_gateway.errors import StateMismatch
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,8 @@ class StateStore:
                 if not parent.is_dir():
                     parent.mkdir(exist_ok=True)
                     _fsync_dir(self.directory)
-                save_snapshot(path, snap, key=key)
+                with on_one_thread():  # services call this on borrowed threads (engine/threads.py)
+                    save_snapshot(path, snap, key=key)
             else:
                 # An older persisted value would resurface after eviction; the new value supersedes it.
                 path.unlink(missing_ok=True)
@@ -344,7 +346,8 @@ class StateStore:
                     self._hits += 1
                     return snap
             try:
-                snap = load_snapshot(self._path(digest), model_id=self.model_id, key=key)
+                with on_one_thread():
+                    snap = load_snapshot(self._path(digest), model_id=self.model_id, key=key)
             except FileNotFoundError:
                 with self._lock:
                     self._misses += 1

@@ -47,6 +47,14 @@ _ENGINE_COUNTERS = {
     "followup_tokens": ("engine_followup_tokens", "Reply tokens prefilled ahead for the next chat turn"),
     "generated_tokens": ("engine_generated_tokens", "Tokens sampled by the engine, all dialects"),
     "checkpoints": ("prefix_cache_checkpoints", "Prefix states stored in the state cache"),
+    "decode_rows": ("engine_decode_rows", "Rows fed one generated token (decode rows, summed over steps)"),
+    "step_seconds": ("engine_step_seconds", "Time in model-thread steps (forward, sampling, bookkeeping)"),
+    "forward_seconds": ("engine_forward_seconds", "Time in batched model forwards"),
+    "sample_seconds": ("engine_sample_seconds", "Time sampling the next tokens of a step's rows"),
+    "loop_seconds": (
+        "engine_loop_seconds",
+        "Time between steps while sequences were active (event loop: delivery, admission)",
+    ),
 }
 _ENGINE_GAUGES = {
     "active_sequences": ("requests_running", "Sequences in the running batch (prefilling or decoding)"),
