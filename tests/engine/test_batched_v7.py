@@ -152,6 +152,33 @@ def test_mixed_prefill_chunks_and_single_tokens_in_one_call(
     run_both(v7_backend, batched, more, list(ref_out), list(new_out))
 
 
+def test_prompt_chunks_of_different_lengths_share_a_padded_forward(
+    batched: BatchedRwkv7Backend, v7_backend: RwkvPackageBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 5 to 8 and of 9 to 16 tokens run as two padded groups (not one forward per length),
+    and every row's logits and state are those of its own tokens, padding leaving no trace."""
+    g = torch.Generator().manual_seed(12)
+    lengths = [5, 8, 6, 7, 1, 9, 16, 13, 1, 6]
+    starts = [random_state(batched, g) for _ in lengths]
+    tokens = [random_tokens(g, n) for n in lengths]
+    group_shapes: list[tuple[int, int]] = []
+    real = batched._forward_group
+
+    def spy(token_lists, states, *, in_place=False):  # type: ignore[no-untyped-def]
+        group_shapes.append((len(token_lists), max(len(t) for t in token_lists)))
+        return real(token_lists, states, in_place=in_place)
+
+    monkeypatch.setattr(batched, "_forward_group", spy)
+    ref_out, new_out = run_both(
+        v7_backend, batched, tokens, [clone(s) for s in starts], [clone(s) for s in starts]
+    )
+    assert sorted(group_shapes) == [(2, 1), (3, 16), (5, 8)]
+    for ref_state, new_state in zip(ref_out, new_out, strict=True):
+        assert_states_close(new_state, ref_state)
+    # The padded rows' states continue like any other: one more token each, and a second chunk.
+    run_both(v7_backend, batched, [random_tokens(g, 1) for _ in lengths], list(ref_out), list(new_out))
+
+
 def test_forward_leaves_input_states_untouched(batched: BatchedRwkv7Backend) -> None:
     g = torch.Generator().manual_seed(5)
     states = [random_state(batched, g) for _ in range(4)]
