@@ -86,6 +86,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (the engine names its threads; OpenMP workers take their creator's
+    name, so `rwkv-model` is the model thread with its intra-op team)."""
+    out: collections.Counter[str] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return dict(out)
+
+
 ENGINE_FIGURES = ("steps", "decode_rows", "step_seconds", "forward_seconds", "sample_seconds", "loop_seconds")
 
 
@@ -189,10 +203,14 @@ async def level(
     await asyncio.sleep(0.5 + 0.05 * users)  # let every user log in and load its character
     before = await server_figures(client, metric)
     cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
+    threads0, client0 = thread_cpu_seconds(server.pid), time.process_time()
     profiler = start_profiler(server, args, dialect, users)
     start.set()
     results = await asyncio.gather(*tasks)
     cpu1, wall1 = cpu_seconds(server.pid), time.perf_counter()
+    threads1, client1 = thread_cpu_seconds(server.pid), time.process_time()
+    wall = wall1 - wall0
+    by_thread = {name: (t - threads0.get(name, 0.0)) / wall for name, t in threads1.items()}
     profile = stop_profiler(profiler)
     after = await server_figures(client, metric)
     total = after["tokens"] - before["tokens"]
@@ -222,7 +240,11 @@ async def level(
         "ttft_p50_ms": percentile(ttft, 0.5),
         "ttft_p95_ms": percentile(ttft, 0.95),
         "per_user_tok_s": statistics.median(per_user) if per_user else float("nan"),
-        "server_cpu_cores": (cpu1 - cpu0) / (wall1 - wall0),
+        "server_cpu_cores": (cpu1 - cpu0) / wall,
+        "server_cpu_by_thread": {
+            k: round(v, 3) for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v > 0.005
+        },
+        "client_cpu_cores": (client1 - client0) / wall,
         "engine": engine_breakdown(before, after),
         "profile": profile,
     }
@@ -381,6 +403,8 @@ def print_row(row: dict[str, Any]) -> None:
     )
     if row["errors"]:
         print(f"      {row['errors']} failed: {row['error_samples']}")
+    threads = ", ".join(f"{name} {cores:.2f}" for name, cores in row["server_cpu_by_thread"].items())
+    print(f"      server cores by thread: {threads}; client {row['client_cpu_cores']:.2f} cores")
     if eng := row["engine"]:
         print(
             f"      per step: {eng['decode_rows_per_step']:.1f} decode rows, {eng['step_ms']:.1f} ms in the "

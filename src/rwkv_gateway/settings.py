@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="sequences advanced together")
     prefill_chunk: int = Field(default=128, ge=1, le=8192, description="prompt tokens per sequence per step")
     prefill_budget: int = Field(default=512, ge=1, description="prompt tokens across all sequences per step")
+    prefill_priority_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        description="prompt chunks run before decoding rows for at most this long at a time (0: together)",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

@@ -511,7 +511,8 @@ async def test_scheduler_fails_consumed_rows_and_retries_the_rest(
 
     greedy = SamplingParams(temperature=0)
     late_prompt = list(range(100, 140))
-    sched = Scheduler(batched, tokenizer, EngineConfig(max_batch_size=8, prefill_chunk=8, prefill_budget=8))
+    config = EngineConfig(max_batch_size=8, prefill_chunk=8, prefill_budget=8, prefill_priority_s=0)
+    sched = Scheduler(batched, tokenizer, config)
     await sched.start()
     try:
         alone, _ = await (

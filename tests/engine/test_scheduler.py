@@ -219,7 +219,9 @@ async def test_v4_model_generates_through_the_engine(
 async def test_long_prompt_does_not_freeze_decoding(
     v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
 ) -> None:
-    sched = Scheduler(v7_backend, tokenizer, EngineConfig(prefill_chunk=8, prefill_budget=8))
+    # Without prompt priority, every step runs both (with it, decoding waits at most that long).
+    config = EngineConfig(prefill_chunk=8, prefill_budget=8, prefill_priority_s=0)
+    sched = Scheduler(v7_backend, tokenizer, config)
     await sched.start()
     try:
         short = await sched.submit(GenerationRequest(prompt="Hi", sampling=GREEDY, max_tokens=30))
@@ -235,6 +237,82 @@ async def test_long_prompt_does_not_freeze_decoding(
         await asyncio.gather(drain("short", short), drain("long", long))
         # The long prompt needs ~len/8 steps of prefill; the short one finishes its 30 tokens first.
         assert order == ["short", "long"]
+    finally:
+        await sched.aclose()
+
+
+async def test_prompts_go_before_decoding_within_the_priority_window(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer
+) -> None:
+    """With a priority window longer than the whole prompt, a decoding stream waits while a long prompt
+    is prefilled (its first token is not held behind decode steps), then resumes unchanged."""
+    alone_sched = Scheduler(v7_backend, tokenizer, EngineConfig())
+    await alone_sched.start()
+    try:
+        alone, _ = await (
+            await alone_sched.submit(GenerationRequest(prompt="Hi", sampling=GREEDY, max_tokens=30))
+        ).collect()
+    finally:
+        await alone_sched.aclose()
+    config = EngineConfig(prefill_chunk=8, prefill_budget=8, prefill_priority_s=60)
+    sched = Scheduler(v7_backend, tokenizer, config)
+    await sched.start()
+    try:
+        short = aiter(await sched.submit(GenerationRequest(prompt="Hi", sampling=GREEDY, max_tokens=30)))
+        first = await anext(short)
+        assert isinstance(first, TextDelta)
+        long_ids = tokenizer.encode("lorem ipsum dolor sit amet " * 60)
+        long = await sched.submit(GenerationRequest(prompt_tokens=long_ids, sampling=GREEDY, max_tokens=1))
+        order: list[str] = []
+        parts = [first.text]
+
+        async def drain(name: str, stream: object) -> None:
+            async for event in stream:  # type: ignore[attr-defined]
+                if isinstance(event, Finish):
+                    order.append(name)
+                elif name == "short":
+                    parts.append(event.text)
+
+        await asyncio.gather(drain("short", short), drain("long", long))
+        assert order == ["long", "short"]  # "Hi" was decoding when the prompt came: it waited
+        assert "".join(parts) == alone
+    finally:
+        await sched.aclose()
+
+
+async def test_a_continuation_from_a_snapshot_gets_its_first_token_before_the_next_forward(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that starts from a state with logits needs no forward for its first token: it is
+    sampled and sent before the step that prefills a prompt admitted with it."""
+    sched = Scheduler(v7_backend, tokenizer, EngineConfig(prefill_chunk=8, prefill_budget=8))
+    await sched.start()
+    try:
+        _, fin = await (
+            await sched.submit(
+                GenerationRequest(prompt=PROMPT, sampling=GREEDY, max_tokens=4, return_state=True)
+            )
+        ).collect()
+        assert isinstance(fin.state, StateSnapshot) and fin.state.logits is not None
+        real = v7_backend.forward
+        waiting_at_forward: list[int] = []  # events the continuation had received when a forward began
+
+        def watching(*args: object, **kwargs: object) -> object:
+            waiting_at_forward.append(cont._queue.qsize())  # type: ignore[attr-defined]
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        long_ids = tokenizer.encode("lorem ipsum dolor sit amet " * 20)
+        monkeypatch.setattr(v7_backend, "forward", watching)
+        long, cont = await sched.submit_many(
+            [
+                GenerationRequest(prompt_tokens=long_ids, sampling=GREEDY, max_tokens=1),
+                GenerationRequest(initial_state=fin.state, sampling=GREEDY, max_tokens=3),
+            ]
+        )
+        await long.collect()
+        text, end = await cont.collect()
+        assert waiting_at_forward[0] >= 1  # its first token was out before the first prompt chunk ran
+        assert end.reason is FinishReason.LENGTH and end.usage.completion_tokens == 3 and text
     finally:
         await sched.aclose()
 

@@ -104,6 +104,7 @@ def build_scheduler(
         max_new_tokens=settings.max_new_tokens,
         prefix_cache=settings.prefix_cache,
         live_state_bytes=settings.live_state_mb * 2**20,
+        prefill_priority_s=settings.prefill_priority_s,
         torch_threads=settings.torch_threads,
         sample_threads=settings.sample_threads,
     )

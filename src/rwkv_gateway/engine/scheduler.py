@@ -75,6 +75,10 @@ class EngineConfig:
     #: Memory for the live states of running sequences (0: no limit beyond max_batch_size). What does
     #: not fit waits in the queue, which keeps its bound.
     live_state_bytes: int = 0
+    #: A closing prompt piece shorter than this gets no prefix-cache checkpoint before it.
+    min_checkpoint_gap: int = 16
+    #: Prompt chunks run before decoding rows for at most this long at a time (0: always together).
+    prefill_priority_s: float = 0.5
     #: Intra-op threads of the model thread (None: torch's default, one per core).
     torch_threads: int | None = None
     #: Threads that sample a step's rows besides the model thread (None: torch_threads - 1).
@@ -200,6 +204,8 @@ class Scheduler:
         self.max_active = self._slots(self.config, backend)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        #: When the current stretch of prompt-only steps began (model thread; see `_hold_decode`).
+        self._holding_since: float | None = None
         self._wakeup: asyncio.Event | None = None
         self.counters: dict[str, int] = {
             "requests": 0,
@@ -363,8 +369,13 @@ class Scheduler:
                 lambda: [self.tokenizer.encode(p) for p in request.prompt_segments or ()]
             )
             tokens = [t for piece in pieces for t in piece]
-            ends = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
-            boundaries = tuple(sorted({e for e in ends if e > 0}))
+            ends = sorted({sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))} - {0})
+            # No checkpoint just before a short closing piece (the "Assistant:" after the last user
+            # turn): it would cost a prefill step of its own for a prefix no later request starts
+            # from, since the next turn continues from the state after the reply.
+            if len(ends) > 1 and ends[-1] - ends[-2] < cfg.min_checkpoint_gap:
+                del ends[-2]
+            boundaries = tuple(ends)
         elif request.prompt_tokens is not None:
             tokens = list(request.prompt_tokens)
             vocab = self.backend.info.vocab_size
@@ -422,25 +433,34 @@ class Scheduler:
                 if self._queue.empty():
                     await self._wakeup.wait()
                 continue
-            batch = list(self._active)
             started = time.perf_counter()
             if last_step_end is not None:
                 self.timers["loop"] += started - last_step_end
-            try:
-                await loop.run_in_executor(self._executor, self._step, batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug in the step itself: fail this batch, keep serving
-                logger.exception("engine step failed")
-                for seq in batch:
-                    if not seq.done:
-                        self._finish(seq, FinishReason.ERROR, error="internal engine error")
-            self.counters["steps"] += 1
+            # Sequences admitted with a state that kept its logits (a role-play reply, a continued task)
+            # need no forward for their first token: sample it in a step of their own and send it
+            # before the batch's next forward, which may be a long prompt chunk.
+            fresh = [s for s in self._active if s.state is None and not s.pending and s.logits is not None]
+            if fresh and len(fresh) < len(self._active):
+                await self._run_step(loop, fresh)
+            await self._run_step(loop, list(self._active))
             last_step_end = time.perf_counter()
             self.timers["step"] += last_step_end - started
-            for seq in batch:
-                self._deliver(seq)
             self._active = [s for s in self._active if not s.done]
+
+    async def _run_step(self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence]) -> None:
+        """One step of `batch` on the model thread, then its events out to the streams."""
+        try:
+            await loop.run_in_executor(self._executor, self._step, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in the step itself: fail this batch, keep serving
+            logger.exception("engine step failed")
+            for seq in batch:
+                if not seq.done:
+                    self._finish(seq, FinishReason.ERROR, error="internal engine error")
+        self.counters["steps"] += 1
+        for seq in batch:
+            self._deliver(seq)
 
     def _admit(self) -> None:
         assert self._queue is not None
@@ -509,6 +529,7 @@ class Scheduler:
         cfg = self.config
         budget = cfg.prefill_budget
         feed: list[tuple[_Sequence, list[int]]] = []
+        hold_decode = self._hold_decode(batch, now)
         for seq in batch:
             if seq.done:
                 continue
@@ -531,6 +552,8 @@ class Scheduler:
                 budget -= take
                 feed.append((seq, chunk))
             elif seq.last_token is not None:
+                if hold_decode:
+                    continue  # prompts go first (see `_hold_decode`)
                 feed.append((seq, [seq.last_token]))
                 seq.last_token = None
                 self.counters["decode_rows"] += 1
@@ -564,6 +587,28 @@ class Scheduler:
             self.timers["sample"] += time.perf_counter() - t0
             for seq, result in zip(ready, results, strict=True):
                 self._take_token(seq, result, now)
+
+    def _hold_decode(self, batch: list[_Sequence], now: float) -> bool:
+        """Whether this step runs prompt chunks only, leaving decoding rows for a later step.
+
+        A decode forward costs about as much as a prompt chunk of a few dozen tokens on a CPU, so when
+        many requests arrive at once, running both in every step makes every new request wait for the
+        whole burst's prompts. Prompts therefore go first, for at most `prefill_priority_s` at a time:
+        decoding streams pause at most that long, and no longer than the prompts take.
+        """
+        limit = self.config.prefill_priority_s
+        prompts = limit > 0 and any(
+            s.pending and s.followup is None and not s.done and not s.stream.cancelled for s in batch
+        )
+        if not prompts:
+            self._holding_since = None
+            return False
+        if self._holding_since is None:
+            self._holding_since = now
+        if now - self._holding_since < limit:
+            return True
+        self._holding_since = None  # decode this step; the next prompt-only stretch starts after it
+        return False
 
     def _initial_state(self, seq: _Sequence) -> LiveState | None:
         snap = seq.request.initial_state
