@@ -134,18 +134,37 @@ def engine_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[
 # ---------------------------------------------------------------------------- one user of each dialect
 
 
+class Start:
+    """Users set themselves up (log in, load a character), then all send at the same instant."""
+
+    def __init__(self, users: int) -> None:
+        self.waiting = users
+        self.all_ready = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def ready(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.all_ready.set()
+        await self.go.wait()
+
+    async def everyone_ready(self) -> None:
+        await self.all_ready.wait()
+
+
 async def roleplay_user(
-    client: httpx.AsyncClient, index: int, start: asyncio.Event, run_id: int
+    client: httpx.AsyncClient, index: int, start: Start, run_id: int
 ) -> dict[str, Any]:
     """A guest with the default character; one reply as the Vue UI asks for it, sent when `start` is set."""
     guest = (await client.post("/login/tmp", data={"token": "null"})).json()["data"]
     me = {"user_name": guest["user_name"], "token": guest["token"], "character_name": CHARACTER}
     loaded = (await client.post("/characters/load", data=me)).json()
     if loaded.get("code") != 200:
-        return {"error": str(loaded)}
+        await start.ready()
+        return {"error": str(loaded), "first": None}
     topic = TOPICS[index % len(TOPICS)]
     fields = {**me, "prompt": f"你好！给我讲讲{topic}的故事吧。（{run_id}-{index}）", **UI_SAMPLING}
-    await start.wait()
+    await start.ready()
     t0 = time.perf_counter()
     first: float | None = None
     chunks = 0
@@ -168,7 +187,7 @@ async def roleplay_user(
 
 
 async def openai_user(
-    client: httpx.AsyncClient, index: int, start: asyncio.Event, run_id: int, model: str, tokens: int
+    client: httpx.AsyncClient, index: int, start: Start, run_id: int, model: str, tokens: int
 ) -> dict[str, Any]:
     body = {
         "model": model,
@@ -182,7 +201,7 @@ async def openai_user(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    await start.wait()
+    await start.ready()
     return await one_stream(client, body)
 
 
@@ -190,7 +209,7 @@ async def level(
     client: httpx.AsyncClient, server: Server, dialect: str, users: int, args: argparse.Namespace, model: str
 ) -> dict[str, Any]:
     """N users of one dialect at the same instant; the level's figures."""
-    start = asyncio.Event()
+    start = Start(users)
     run_id = next(RUN_IDS)  # prompts never repeat across levels (no prefix-cache hits between them)
     metric = "roleplay" if dialect == "roleplay" else "openai"
     if dialect == "roleplay":
@@ -200,12 +219,13 @@ async def level(
             asyncio.create_task(openai_user(client, i, start, run_id, model, args.reply_tokens))
             for i in range(users)
         ]
-    await asyncio.sleep(0.5 + 0.05 * users)  # let every user log in and load its character
+    await start.everyone_ready()  # every guest logged in, its character loaded (persona prefilled)
+    await asyncio.sleep(0.2)
     before = await server_figures(client, metric)
     cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
     threads0, client0 = thread_cpu_seconds(server.pid), time.process_time()
     profiler = start_profiler(server, args, dialect, users)
-    start.set()
+    start.go.set()
     results = await asyncio.gather(*tasks)
     cpu1, wall1 = cpu_seconds(server.pid), time.perf_counter()
     threads1, client1 = thread_cpu_seconds(server.pid), time.process_time()

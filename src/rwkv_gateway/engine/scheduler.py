@@ -57,6 +57,9 @@ from rwkv_gateway.errors import (
 logger = logging.getLogger(__name__)
 
 
+#: Event-loop turns given to consumers after a step that finished a request (see `_run`).
+_HANDOFF_YIELDS = 8
+
 #: Finishes after which a requested final state is captured (not after errors or cancellation).
 _STATEFUL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
 
@@ -442,13 +445,20 @@ class Scheduler:
             fresh = [s for s in self._active if s.state is None and not s.pending and s.logits is not None]
             if fresh and len(fresh) < len(self._active):
                 await self._run_step(loop, fresh)
-            await self._run_step(loop, list(self._active))
+            finished = await self._run_step(loop, list(self._active))
             last_step_end = time.perf_counter()
             self.timers["step"] += last_step_end - started
             self._active = [s for s in self._active if not s.done]
+            if finished:
+                # A finished request is often followed at once by the next one of the same client (a
+                # role-play reply after its user turn): let the consumers run and submit it, so it
+                # joins the next step instead of waiting one out.
+                for _ in range(_HANDOFF_YIELDS):
+                    await asyncio.sleep(0)
 
-    async def _run_step(self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence]) -> None:
-        """One step of `batch` on the model thread, then its events out to the streams."""
+    async def _run_step(self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence]) -> bool:
+        """One step of `batch` on the model thread, then its events out to the streams; whether a
+        sequence finished."""
         try:
             await loop.run_in_executor(self._executor, self._step, batch)
         except asyncio.CancelledError:
@@ -459,8 +469,11 @@ class Scheduler:
                 if not seq.done:
                     self._finish(seq, FinishReason.ERROR, error="internal engine error")
         self.counters["steps"] += 1
+        finished = False
         for seq in batch:
+            finished = finished or seq.done
             self._deliver(seq)
+        return finished
 
     def _admit(self) -> None:
         assert self._queue is not None
