@@ -152,9 +152,7 @@ class Start:
         await self.all_ready.wait()
 
 
-async def roleplay_user(
-    client: httpx.AsyncClient, index: int, start: Start, run_id: int
-) -> dict[str, Any]:
+async def roleplay_user(client: httpx.AsyncClient, index: int, start: Start, run_id: int) -> dict[str, Any]:
     """A guest with the default character; one reply as the Vue UI asks for it, sent when `start` is set."""
     guest = (await client.post("/login/tmp", data={"token": "null"})).json()["data"]
     me = {"user_name": guest["user_name"], "token": guest["token"], "character_name": CHARACTER}

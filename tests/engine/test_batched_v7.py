@@ -425,6 +425,8 @@ def test_both_projection_forms_agree_and_calibration_picks_small_row_counts(
     picked = _calibrate(weight)
     assert picked <= every
     assert _calibrate(weight.to(torch.bfloat16)) == frozenset()  # only CPU fp32 has the choice
+    assert _calibrate(weight.clone()) is picked  # measured once per shape in a process
+    assert batched.head_transposed_rows <= every  # the head measures its own choice
 
 
 def wkv_ptrs(states: list[LiveState]) -> list[int]:

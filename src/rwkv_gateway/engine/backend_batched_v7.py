@@ -153,11 +153,24 @@ def _row_bucket(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
+#: `_calibrate`'s answers in this process, by matrix shape and intra-op thread count (the timing
+#: depends on those, not on the values; a process that loads the same model again skips the timing).
+_CALIBRATED: dict[tuple[tuple[int, ...], int], frozenset[int]] = {}
+
+
 def _calibrate(weight: torch.Tensor) -> frozenset[int]:
     """Row counts below `_LINEAR_ROWS` at which W @ x^T beats `F.linear` on this machine by 10% or more,
-    timed on one of the model's own projection matrices (best of several tries; about 0.1 s)."""
+    timed on one of the model's own projection matrices (best of several tries; about 0.1 s for a
+    layer matrix of a 12x768 model, 1-3 s for its head)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return frozenset()
+    key = (tuple(weight.shape), torch.get_num_threads())
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _measure_forms(weight)
+    return _CALIBRATED[key]
+
+
+def _measure_forms(weight: torch.Tensor) -> frozenset[int]:
     faster: set[int] = set()
     rows = 1
     with torch.inference_mode():
