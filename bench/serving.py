@@ -25,9 +25,12 @@ median step time; tok/s = N / step) and the `rwkv` package's own single sequence
 served levels: the CPU's speed drifts). **Efficiency** = served tok/s / forward tok/s at N.
 
 `--profile` records the server with py-spy (`pip install py-spy`) during the largest level of each
-dialect and stores, beside the JSON, the collapsed stacks and a summary per thread (share of samples,
-hottest functions). Writes JSON (default bench/results/serving-<time>.json) and, with matplotlib
-(`pip install -e '.[bench]'`), a PNG plot of tok/s and efficiency against users.
+dialect and stores, beside the JSON, the collapsed stacks and a summary per thread (share of the wall
+time each thread was busy, hottest functions). Even non-blocking sampling slows the forward, so take
+profiles in a run of their own, not in the run whose figures you report.
+
+Writes JSON (default bench/results/serving-<time>.json) and, with matplotlib (`pip install -e
+'.[bench]'`), a PNG plot of tok/s and efficiency against users.
 """
 
 # ruff: noqa: RUF001
@@ -112,6 +115,18 @@ async def server_figures(client: httpx.AsyncClient, dialect: str) -> dict[str, f
         found = re.search(rf"^rwkv_gateway_engine_{name}_total (\S+)$", text, re.MULTILINE)
         out[name] = float(found.group(1)) if found else float("nan")
     return out
+
+
+async def wait_idle(client: httpx.AsyncClient, limit_s: float = 180.0) -> None:
+    """Until the engine runs nothing (a finished reply's follow-up prefill may still be running)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        text = (await client.get("/metrics")).text
+        running = re.search(r"^rwkv_gateway_requests_running (\S+)$", text, re.MULTILINE)
+        waiting = re.search(r"^rwkv_gateway_requests_waiting (\S+)$", text, re.MULTILINE)
+        if not (running and float(running.group(1))) and not (waiting and float(waiting.group(1))):
+            return
+        await asyncio.sleep(0.5)
 
 
 def engine_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -218,6 +233,7 @@ async def level(
             for i in range(users)
         ]
     await start.everyone_ready()  # every guest logged in, its character loaded (persona prefilled)
+    await wait_idle(client)  # nothing left over from the previous level
     await asyncio.sleep(0.2)
     before = await server_figures(client, metric)
     cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
@@ -317,6 +333,7 @@ def start_profiler(
     command = [
         py_spy,
         "record",
+        "--nonblocking",  # sampling must not pause the server's threads (an OpenMP team stalls)
         "-p",
         str(server.pid),
         "-r",

@@ -402,6 +402,33 @@ async def test_concurrent_identical_prefixes_are_prefilled_once(
         await sched.aclose()
 
 
+async def test_a_reply_follow_up_gives_its_slot_to_a_waiting_request(
+    v7_backend: RwkvPackageBackend, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """The prefill of a reply for the next turn's cache is background work: with every slot taken, a
+    new request gets the follow-up's slot instead of waiting for it to finish."""
+    store = StateStore(tmp_path, budget_bytes=1 << 30, model_id=v7_backend.info.model_id)
+    config = EngineConfig(max_batch_size=1, prefill_chunk=8, prefill_budget=8)
+    sched = Scheduler(v7_backend, tokenizer, config, states=store)
+    await sched.start()
+    try:
+        long_followup = GenerationRequest(
+            prompt_segments=("User: hello\n\n", "Assistant:"),
+            sampling=GREEDY,
+            max_tokens=4,
+            reply_followup=lambda reply: f" {reply} " + "and so on " * 400,
+        )
+        _, first = await (await sched.submit(long_followup)).collect()
+        assert first.reason is FinishReason.LENGTH
+        text, second = await run(sched, max_tokens=4)
+        assert second.reason is FinishReason.LENGTH and text
+        stats = sched.stats()
+        assert stats["followups_dropped"] == 1
+        assert stats["followup_tokens"] < len(tokenizer.encode("and so on " * 400))
+    finally:
+        await sched.aclose()
+
+
 async def test_live_state_budget_limits_running_sequences(
     v7_backend: RwkvPackageBackend, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

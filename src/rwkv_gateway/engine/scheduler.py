@@ -221,6 +221,7 @@ class Scheduler:
             "followup_tokens": 0,
             "checkpoints": 0,
             "decode_rows": 0,
+            "followups_dropped": 0,
         }
         #: Where the engine's time goes (seconds): model-thread steps, and within them the forwards and
         #: the sampling; `loop` is the time between steps while sequences were active (the event loop
@@ -477,6 +478,14 @@ class Scheduler:
 
     def _admit(self) -> None:
         assert self._queue is not None
+        if len(self._active) >= self.max_active and (self._deferred or not self._queue.empty()):
+            # A reply's follow-up prefill only warms the cache for that client's next turn: it gives
+            # its slot to a waiting request (whose next turn then prefills the reply itself).
+            for seq in self._active:
+                if seq.followup is not None and not seq.done:
+                    self._retire(seq)
+                    self.counters["followups_dropped"] += 1
+            self._active = [s for s in self._active if not s.done]
         waiting, self._deferred = self._deferred, []
         while len(self._active) < self.max_active and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
@@ -543,6 +552,7 @@ class Scheduler:
         budget = cfg.prefill_budget
         feed: list[tuple[_Sequence, list[int]]] = []
         hold_decode = self._hold_decode(batch, now)
+        followups: list[_Sequence] = []
         for seq in batch:
             if seq.done:
                 continue
@@ -557,13 +567,10 @@ class Scheduler:
                 seq.state = self._initial_state(seq)
                 if seq.state is None:
                     continue
-            if seq.pending:
-                if budget <= 0:
-                    continue  # prompt waits for the next step; decoding rows go first
-                take = min(cfg.prefill_chunk, budget, len(seq.pending), self._to_checkpoint(seq))
-                chunk, seq.pending = seq.pending[:take], seq.pending[take:]
-                budget -= take
-                feed.append((seq, chunk))
+            if seq.pending and seq.followup is not None:
+                followups.append(seq)  # background work: only the budget prompts leave
+            elif seq.pending:
+                budget = self._take_chunk(seq, budget, feed)
             elif seq.last_token is not None:
                 if hold_decode:
                     continue  # prompts go first (see `_hold_decode`)
@@ -572,6 +579,8 @@ class Scheduler:
                 self.counters["decode_rows"] += 1
             elif seq.logits is None:  # pragma: no cover - admission guarantees tokens or logits
                 self._finish(seq, FinishReason.ERROR, error="nothing to generate from")
+        for seq in followups:
+            budget = self._take_chunk(seq, budget, feed)
         if feed:
             t0 = time.perf_counter()
             self._forward(feed)
@@ -600,6 +609,15 @@ class Scheduler:
             self.timers["sample"] += time.perf_counter() - t0
             for seq, result in zip(ready, results, strict=True):
                 self._take_token(seq, result, now)
+
+    def _take_chunk(self, seq: _Sequence, budget: int, feed: list[tuple[_Sequence, list[int]]]) -> int:
+        """Feed `seq` its next prompt chunk within `budget` (the rest waits for a later step)."""
+        if budget <= 0:
+            return budget
+        take = min(self.config.prefill_chunk, budget, len(seq.pending), self._to_checkpoint(seq))
+        chunk, seq.pending = seq.pending[:take], seq.pending[take:]
+        feed.append((seq, chunk))
+        return budget - take
 
     def _hold_decode(self, batch: list[_Sequence], now: float) -> bool:
         """Whether this step runs prompt chunks only, leaving decoding rows for a later step.

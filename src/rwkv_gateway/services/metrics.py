@@ -47,6 +47,10 @@ _ENGINE_COUNTERS = {
     "followup_tokens": ("engine_followup_tokens", "Reply tokens prefilled ahead for the next chat turn"),
     "generated_tokens": ("engine_generated_tokens", "Tokens sampled by the engine, all dialects"),
     "checkpoints": ("prefix_cache_checkpoints", "Prefix states stored in the state cache"),
+    "followups_dropped": (
+        "prefix_cache_followups_dropped",
+        "Reply follow-up prefills given up so that a waiting request could run",
+    ),
     "decode_rows": ("engine_decode_rows", "Rows fed one generated token (decode rows, summed over steps)"),
     "step_seconds": ("engine_step_seconds", "Time in model-thread steps (forward, sampling, bookkeeping)"),
     "forward_seconds": ("engine_forward_seconds", "Time in batched model forwards"),
