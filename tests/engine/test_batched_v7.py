@@ -426,7 +426,9 @@ def test_both_projection_forms_agree_and_calibration_picks_small_row_counts(
     assert picked <= every
     assert _calibrate(weight.to(torch.bfloat16)) == frozenset()  # only CPU fp32 has the choice
     assert _calibrate(weight.clone()) is picked  # measured once per shape in a process
-    assert batched.head_transposed_rows <= every  # the head measures its own choice
+    # Every matrix shape of the model (the head too) measures its own choice.
+    assert set(batched.projection_forms) == {tuple(batched._head.shape), (128, 128), (512, 128), (128, 512)}
+    assert all(forms <= every for forms in batched.projection_forms.values())
 
 
 def wkv_ptrs(states: list[LiveState]) -> list[int]:

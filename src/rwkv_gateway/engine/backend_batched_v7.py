@@ -148,6 +148,10 @@ def _project(x: torch.Tensor, weight: torch.Tensor, transposed_rows: frozenset[i
     return y.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def _shape(weight: torch.Tensor) -> tuple[int, int]:
+    return (int(weight.shape[0]), int(weight.shape[1]))
+
+
 def _row_bucket(rows: int) -> int:
     """The power of two at or above `rows` (the row counts `_calibrate` measures)."""
     return 1 << max(0, rows - 1).bit_length()
@@ -226,10 +230,20 @@ class BatchedRwkv7Backend(TemplateStates):
         self.device = emb.device
         self.dtype = emb.dtype
         #: Row counts whose projections run as W @ x^T (measured at load time; see `_project`).
-        self.transposed_rows = _calibrate(layers[0].ffn_key) if layers else frozenset()
-        #: The same choice for the head, measured on it: its shape is not the layers' (65536 x C), and
-        #: for one row W @ x^T took 4.2 ms where `linear` took 11.3 on a 2-core Xeon (12x768 model).
-        self.head_transposed_rows = _calibrate(head)
+        #: Per matrix shape, the row counts whose projections run as W @ x^T, measured at load time
+        #: (see `_project`). Each shape measures its own: the choice differs between the 65536-row head
+        #: (one row: W @ x^T 4.2 ms, `linear` 11.3 on a 2-core Xeon, 12x768 model) and the layers.
+        matrices = [head]
+        for layer in layers:
+            matrices += [
+                layer.receptance,
+                layer.key,
+                layer.value,
+                layer.output,
+                layer.ffn_key,
+                layer.ffn_value,
+            ]
+        self.projection_forms = {_shape(w): _calibrate(w) for w in matrices}
         self._set_template(self._make_zero_state())
 
     # ------------------------------------------------------------------ loading
@@ -471,7 +485,7 @@ class BatchedRwkv7Backend(TemplateStates):
             new_layers += [last_a, wkv, last_f]
         x = x[rows, last] if rows is not None else x[:, -1]
         x = F.layer_norm(x, (C,), weight=self._ln_out_w, bias=self._ln_out_b)
-        logits = _project(x, self._head, self.head_transposed_rows).float()
+        logits = self._project(x, self._head).float()
         # One unbind per state tensor: each sequence gets views of the batched results.
         per_tensor = [t.unbind(0) for t in new_layers]
         batch = object()
@@ -634,7 +648,7 @@ class BatchedRwkv7Backend(TemplateStates):
         return y.view(B, 1, C), new.view(B, H, N, N)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _project(x, weight, self.transposed_rows)
+        return _project(x, weight, self.projection_forms.get(_shape(weight), frozenset()))
 
     def _channel_mix(self, layer: _Layer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """RWKV_x070_CMix for x [B, T, C] and shift [B, C]."""
