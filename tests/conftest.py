@@ -24,6 +24,18 @@ from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
 
+#: Long fault-injection and fuzz tests: `pytest -m "not slow"` (the README's command) leaves them out,
+#: `.ci/run` runs them after it with `pytest -m slow`.
+SLOW_PATHS = ("faults/test_", "api/test_schemathesis.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        where = item.path.relative_to(tests_dir).as_posix()
+        if where.startswith(SLOW_PATHS) and "test_queue_full" not in where:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
