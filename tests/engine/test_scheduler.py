@@ -439,9 +439,9 @@ async def test_live_state_budget_limits_running_sequences(
     widths: list[int] = []
     real_step = Scheduler._step
 
-    def step(self: Scheduler, batch: list[object]) -> None:
+    def step(self: Scheduler, batch: list[object], first_tokens: bool = False) -> None:
         widths.append(len(batch))
-        real_step(self, batch)  # type: ignore[arg-type]
+        real_step(self, batch, first_tokens)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Scheduler, "_step", step)
     await sched.start()

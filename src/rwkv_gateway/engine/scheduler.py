@@ -445,7 +445,7 @@ class Scheduler:
             # before the batch's next forward, which may be a long prompt chunk.
             fresh = [s for s in self._active if s.state is None and not s.pending and s.logits is not None]
             if fresh and len(fresh) < len(self._active):
-                await self._run_step(loop, fresh)
+                await self._run_step(loop, fresh, first_tokens=True)
             finished = await self._run_step(loop, list(self._active))
             last_step_end = time.perf_counter()
             self.timers["step"] += last_step_end - started
@@ -457,11 +457,13 @@ class Scheduler:
                 for _ in range(_HANDOFF_YIELDS):
                     await asyncio.sleep(0)
 
-    async def _run_step(self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence]) -> bool:
+    async def _run_step(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence], *, first_tokens: bool = False
+    ) -> bool:
         """One step of `batch` on the model thread, then its events out to the streams; whether a
         sequence finished."""
         try:
-            await loop.run_in_executor(self._executor, self._step, batch)
+            await loop.run_in_executor(self._executor, self._step, batch, first_tokens)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug in the step itself: fail this batch, keep serving
@@ -546,12 +548,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step (model thread)
 
-    def _step(self, batch: list[_Sequence]) -> None:
+    def _step(self, batch: list[_Sequence], first_tokens: bool = False) -> None:
+        """Advance `batch` by one step. `first_tokens`: a step of fresh sequences only (see `_run`),
+        which must not end a stretch of prompt-only steps."""
         now = time.monotonic()
         cfg = self.config
         budget = cfg.prefill_budget
         feed: list[tuple[_Sequence, list[int]]] = []
-        hold_decode = self._hold_decode(batch, now)
+        hold_decode = not first_tokens and self._hold_decode(batch, now)
         followups: list[_Sequence] = []
         for seq in batch:
             if seq.done:
