@@ -159,7 +159,7 @@ def _row_bucket(rows: int) -> int:
 
 #: `_calibrate`'s answers in this process, by matrix shape and intra-op thread count (the timing
 #: depends on those, not on the values; a process that loads the same model again skips the timing).
-_CALIBRATED: dict[tuple[tuple[int, ...], int], frozenset[int]] = {}
+_CALIBRATED: dict[tuple[tuple[int, int], int], frozenset[int]] = {}
 
 
 def _calibrate(weight: torch.Tensor) -> frozenset[int]:
@@ -168,7 +168,7 @@ def _calibrate(weight: torch.Tensor) -> frozenset[int]:
     layer matrix of a 12x768 model, 1-3 s for its head)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return frozenset()
-    key = (tuple(weight.shape), torch.get_num_threads())
+    key = (_shape(weight), torch.get_num_threads())
     if key not in _CALIBRATED:
         _CALIBRATED[key] = _measure_forms(weight)
     return _CALIBRATED[key]
@@ -229,7 +229,6 @@ class BatchedRwkv7Backend(TemplateStates):
         self._head = head
         self.device = emb.device
         self.dtype = emb.dtype
-        #: Row counts whose projections run as W @ x^T (measured at load time; see `_project`).
         #: Per matrix shape, the row counts whose projections run as W @ x^T, measured at load time
         #: (see `_project`). Each shape measures its own: the choice differs between the 65536-row head
         #: (one row: W @ x^T 4.2 ms, `linear` 11.3 on a 2-core Xeon, 12x768 model) and the layers.
@@ -452,16 +451,14 @@ class BatchedRwkv7Backend(TemplateStates):
         B, T = len(token_lists), max(len(t) for t in token_lists)
         C = self.n_embd
         lengths = [len(t) for t in token_lists]
-        ragged = min(lengths) != T
-        padded = [list(t) + [0] * (T - len(t)) for t in token_lists] if ragged else token_lists
-        idx = torch.tensor(padded, dtype=torch.long, device=self.device)
-        valid = (
-            torch.arange(T, device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
-            if ragged
-            else None
-        )  # [B, T]
-        last = torch.tensor(lengths, device=self.device) - 1 if ragged else None
-        rows = torch.arange(B, device=self.device) if ragged else None
+        # Ragged rows: which positions are real tokens [B, T], and each row's last one (row, position).
+        valid = last = rows = None
+        if min(lengths) != T:
+            token_lists = [list(t) + [0] * (T - len(t)) for t in token_lists]
+            length = torch.tensor(lengths, device=self.device)
+            valid = torch.arange(T, device=self.device) < length.unsqueeze(1)
+            last, rows = length - 1, torch.arange(B, device=self.device)
+        idx = torch.tensor(token_lists, dtype=torch.long, device=self.device)
         x = F.embedding(idx, self._emb)  # [B, T, C]
         new_layers: list[torch.Tensor] = []
         v_first = x  # replaced by layer 0's v before any use
@@ -476,14 +473,14 @@ class BatchedRwkv7Backend(TemplateStates):
             x = x + self._channel_mix(layer, xf, shift_f)
             # The last token's rows become the next token-shift state. For T > 1 they are copied out so
             # a live state does not keep a whole prompt chunk's activations alive.
-            if rows is not None:
+            if last is not None:
                 last_a, last_f = xa[rows, last], xf[rows, last]  # gathered: new tensors
             else:
                 last_a, last_f = xa[:, -1], xf[:, -1]
                 if T > 1:
                     last_a, last_f = last_a.contiguous(), last_f.contiguous()
             new_layers += [last_a, wkv, last_f]
-        x = x[rows, last] if rows is not None else x[:, -1]
+        x = x[rows, last] if last is not None else x[:, -1]
         x = F.layer_norm(x, (C,), weight=self._ln_out_w, bias=self._ln_out_b)
         logits = self._project(x, self._head).float()
         # One unbind per state tensor: each sequence gets views of the batched results.

@@ -225,7 +225,7 @@ class Scheduler:
         }
         #: Where the engine's time goes (seconds): model-thread steps, and within them the forwards and
         #: the sampling; `loop` is the time between steps while sequences were active (the event loop
-        #: delivering, admitting and waiting for consumers).
+        #: delivering, handing off to consumers and admitting).
         self.timers: dict[str, float] = {"step": 0.0, "forward": 0.0, "sample": 0.0, "loop": 0.0}
 
     @staticmethod

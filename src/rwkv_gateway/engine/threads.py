@@ -18,14 +18,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15
 
@@ -44,10 +41,14 @@ def _name_thread(name: str) -> None:
         pass
 
 
+def _set_threads(count: int) -> None:
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def _init_thread(name: str, torch_threads: int) -> None:
     _name_thread(name)
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
+    _set_threads(torch_threads)
 
 
 def model_thread(torch_threads: int | None = None) -> ThreadPoolExecutor:
@@ -69,8 +70,7 @@ def helper_pool(workers: int, name: str) -> ThreadPoolExecutor:
 
 def single_threaded() -> None:
     """Make the calling thread's torch ops single-threaded (it then never starts an OpenMP team)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    _set_threads(1)
 
 
 @contextlib.contextmanager
