@@ -14,6 +14,7 @@ decoding is checked separately for exact equality).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -429,6 +430,89 @@ def test_both_projection_forms_agree_and_calibration_picks_small_row_counts(
     # Every matrix shape of the model (the head too) measures its own choice.
     assert set(batched.projection_forms) == {tuple(batched._head.shape), (128, 128), (512, 128), (128, 512)}
     assert all(forms <= every for forms in batched.projection_forms.values())
+
+
+def reference_wkv(
+    state: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: torch.Tensor,
+    a: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's per-token update in float64, literally: `S = S * w + S @ ((-kk) (kk*a)^T) + v k^T`,
+    `y = S @ r`, for [B, H, N, N] states and [B, T, H, N] inputs (the full N x N product, not the
+    rank-1 shortcut either backend form takes)."""
+    S = state.double()
+    r, w, k, v, kk, a = (x.double() for x in (r, w, k, v, kk, a))
+    ys = []
+    for t in range(r.shape[1]):
+        ab = (-kk[:, t]).unsqueeze(-1) @ (kk[:, t] * a[:, t]).unsqueeze(-2)
+        S = S * w[:, t].unsqueeze(-2) + S @ ab + v[:, t].unsqueeze(-1) @ k[:, t].unsqueeze(-2)
+        ys.append((S @ r[:, t].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(ys, dim=1), S
+
+
+def wkv_inputs(g: torch.Generator, B: int, T: int, H: int, N: int) -> list[torch.Tensor]:
+    """Inputs in the ranges a model produces: decays in [exp(-0.61), 1] (the extremes included), unit kk,
+    a in (0, 1)."""
+    decay = torch.exp(-0.606531 * torch.sigmoid(6 * torch.randn(B, T, H, N, generator=g)))
+    decay[0, 0, 0, :2] = torch.tensor([1.0, math.exp(-0.606531)])
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    a = torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    return [0.3 * torch.randn(B, H, N, N, generator=g), r, decay, k, v, kk, a]
+
+
+@pytest.mark.parametrize(("B", "T"), [(1, 2), (3, 7), (2, 16), (1, 33), (4, 64), (1, 100)])
+def test_chunked_wkv_equals_the_recurrence(batched: BatchedRwkv7Backend, B: int, T: int) -> None:
+    """The chunked form (one chunk, several, a partial last one) and the token loop both match the
+    package's update computed in float64, to float32 rounding (a relative 1e-6 of the largest value;
+    observed 2e-7 to 7e-7 for both forms), outputs and final states alike."""
+    H, N = batched.n_head, batched.head_size
+    g = torch.Generator().manual_seed(100 + T)
+    state, *seq = wkv_inputs(g, B, T, H, N)
+    y_ref, s_ref = reference_wkv(state, *seq)
+    flat = [x.reshape(B, T, H * N) for x in seq]
+    for form in (batched._wkv_chunked, batched._wkv):
+        before = state.clone()
+        y, s = form(state, *flat)
+        assert torch.equal(state, before)  # the caller's state is only read
+        assert (y.dtype, y.shape) == (torch.float32, (B, T, H * N))
+        assert (s.dtype, s.shape) == (torch.float32, state.shape)
+        y_err = (y.double().view(B, T, H, N) - y_ref).abs().max() / y_ref.abs().max()
+        s_err = (s.double() - s_ref).abs().max() / s_ref.abs().max()
+        assert y_err < 1e-6 and s_err < 1e-6, (form.__name__, float(y_err), float(s_err))
+
+
+def test_forward_is_the_same_through_either_wkv_form(
+    batched: BatchedRwkv7Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ragged prompt chunks (padded inside a group, partial last WKV chunk) give the same logits and
+    states whichever form the forward takes, and the chunked one is what prompts of 16 tokens or more
+    get by default."""
+    g = torch.Generator().manual_seed(21)
+    lengths = [40, 33, 64, 17, 16, 9, 3]
+    starts = [random_state(batched, g) for _ in lengths]
+    tokens = [random_tokens(g, n) for n in lengths]
+    calls: list[int] = []
+    real = batched._wkv_chunked
+
+    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(args[1].shape[1])
+        return real(*args)
+
+    monkeypatch.setattr(batched, "_wkv_chunked", spy)
+    chunked_logits, chunked_states = batched.forward(tokens, [clone(s) for s in starts])
+    # Groups by length bucket, each padded to its longest: [40, 33, 64] -> 64, [17], [16, 9] -> 16; [3] loops.
+    assert sorted(calls) == sorted([16, 17, 64] * batched.info.n_layer)
+    monkeypatch.setattr(batched, "wkv_chunk_from", 10**9)
+    loop_logits, loop_states = batched.forward(tokens, [clone(s) for s in starts])
+    assert len(calls) == 3 * batched.info.n_layer  # the loop form ran this time
+    torch.testing.assert_close(chunked_logits, loop_logits, atol=ATOL, rtol=RTOL)
+    for a, b in zip(chunked_states, loop_states, strict=True):
+        assert_states_close(a, b)
 
 
 def wkv_ptrs(states: list[LiveState]) -> list[int]:
