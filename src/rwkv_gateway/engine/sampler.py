@@ -9,23 +9,19 @@ generator). It runs on the model thread; logits may live on CPU or CUDA, the dra
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rwkv_gateway.domain.types import SamplingParams
-from rwkv_gateway.engine.threads import on_one_thread, single_threaded
 from rwkv_gateway.errors import GenerationFailed
 
-__all__ = ["Sampler"]
+__all__ = ["Adjustments", "Sampler"]
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -47,8 +43,6 @@ _DRAW_BLOCK = 256
 _REJECT_MIN_TOP_P = 0.5
 #: Rejected draws after which the nucleus is found exactly instead (a small nucleus).
 _REJECT_TRIES = 4
-#: A step samples its rows on several threads from this many rows on (fewer: not worth the hand-off).
-_PARALLEL_ROWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +62,23 @@ class _Dist:
         if self.within is None:
             return self
         return _nucleus_by_histogram(self.probs, self.within)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustments:
+    """Steps 3-5 of one row as host tensors, for a batch that applies every row's at once (see
+    `rwkv_gateway.engine.batch_sampler`). Each id tensor lists distinct token ids (`ban_ids` may repeat
+    one); they apply in field order: add `bias`, set `ban_ids` to -inf, subtract `penalties`, then the
+    repetition penalty on `repeat_ids`."""
+
+    bias_ids: torch.Tensor
+    bias: torch.Tensor
+    ban_ids: torch.Tensor
+    penalty_ids: torch.Tensor
+    #: float32, what `_adjust_` subtracts (presence + frequency x decayed count).
+    penalties: torch.Tensor
+    repeat_ids: torch.Tensor
+    repetition: float
 
 
 class Sampler:
@@ -244,7 +255,7 @@ class Sampler:
 
     def _adjust_(self, x: torch.Tensor) -> None:
         """Steps 3-5 in place on a float32 row: logit bias, bans, presence/frequency and repetition
-        penalties. Device ops only (no host synchronisation), so a batch can apply them row by row."""
+        penalties (`adjustments` gives the same steps as tables for a batch; the two must agree)."""
         bias_ids, bias_vals, ban_ids = self._static_on(x.device)
         if bias_ids.numel():
             x.index_add_(0, bias_ids, bias_vals)
@@ -260,6 +271,25 @@ class Sampler:
             ids = self._seen.ids.to(x.device)
             v = x[ids]
             x[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+
+    def adjustments(self) -> Adjustments | None:
+        """This step's `_adjust_` as host tables (None when it changes nothing). Recording a token later
+        does not change them (a `_TokenTable` never rewrites a filled slot)."""
+        if self._plain:
+            return None
+        p = self._params
+        ban_ids = self._ban_ids
+        if self._last_token is not None and self._last_token in self._avoid_repeat:
+            ban_ids = torch.cat([ban_ids, torch.tensor([self._last_token])])
+        none = torch.empty(0, dtype=torch.long)
+        penalty_ids, penalties = none, torch.empty(0, dtype=torch.float32)
+        if self._use_counts and len(self._occurrence):
+            penalty_ids = self._occurrence.ids
+            penalties = (p.presence_penalty + self._occurrence.values * p.frequency_penalty).to(torch.float32)
+        repeat_ids = self._seen.ids if self._use_repetition else none
+        return Adjustments(
+            self._bias_ids, self._bias_vals, ban_ids, penalty_ids, penalties, repeat_ids, p.repetition_penalty
+        )
 
     def _argmax(self, x: torch.Tensor) -> int:
         # torch.argmax returns the first maximal index, i.e. ties go to the lowest token id.
@@ -572,183 +602,3 @@ def _draw_within(probs: torch.Tensor, top_p: float, generator: torch.Generator) 
             if above + ties * p < target:
                 return j
     return _draw(_nucleus_by_histogram(probs, top_p)[0].weights, generator)[0]
-
-
-# ---------------------------------------------------------------------------------------------------
-# A step's rows together
-
-
-def sample_batch(
-    samplers: Sequence[Sampler],
-    rows: Sequence[torch.Tensor],
-    *,
-    vectorised: bool | None = None,
-    pool: Executor | None = None,
-    pool_workers: int = 0,
-) -> list[int | Exception]:
-    """Sample the next token of every row of one scheduler step; a failing row returns its exception
-    instead of failing the others.
-
-    On the CPU each row goes through its own `Sampler.sample`: the exact, sort-free filters there cost
-    less than any batched formulation, and a row's tokens never depend on its batch-mates. With a
-    `pool` of `pool_workers` threads (besides the calling one) the rows are shared out among them: each row
-    still runs alone and single-threaded, so its result does not change. On an accelerator (or with
-    `vectorised=True`) the rows are sampled together by `_sample_vectorised`: the whole distribution
-    work stays on the device and a single device-to-host copy brings back every row's token.
-    """
-    if not samplers:
-        return []
-    if vectorised is None:
-        vectorised = rows[0].device.type != "cpu"
-    if vectorised:
-        try:
-            return _sample_vectorised(samplers, rows)
-        except Exception as exc:  # a shape or device problem: fall back to finding the row it is in
-            logging.getLogger(__name__).warning("vectorised sampling failed (%s); sampling row by row", exc)
-    # Vectors of a vocabulary's size are too small for intra-op parallelism to pay: with two threads
-    # every op waits on a barrier, which costs a few times the op itself on an idle CPU and up to 10x
-    # more when another process holds a core. Rows run in parallel instead (torch releases the GIL in
-    # its kernels). Matmuls in the forward keep the configured threads.
-    with on_one_thread() if rows[0].device.type == "cpu" else contextlib.nullcontext():
-        pairs = list(zip(samplers, rows, strict=True))
-        workers = pool_workers
-        if pool is None or workers < 1 or len(pairs) < _PARALLEL_ROWS:
-            return _sample_rows(pairs)
-        parts = [pairs[i :: workers + 1] for i in range(workers + 1)]
-        futures = [pool.submit(_sample_rows_alone, part) for part in parts[1:]]
-        results = [_sample_rows(parts[0]), *(f.result() for f in futures)]
-        out: list[int | Exception] = [0] * len(pairs)
-        for i, part in enumerate(results):
-            out[i :: workers + 1] = part
-        return out
-
-
-def _sample_rows_alone(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
-    """`_sample_rows` on a helper thread, its torch ops single-threaded too (the intra-op thread count
-    is per thread, and a new thread starts with all cores)."""
-    single_threaded()
-    return _sample_rows(pairs)
-
-
-def _sample_rows(pairs: Sequence[tuple[Sampler, torch.Tensor]]) -> list[int | Exception]:
-    out: list[int | Exception] = []
-    for sampler, row in pairs:
-        try:
-            out.append(sampler.sample(row))
-        except Exception as exc:
-            out.append(exc)
-    return out
-
-
-def _sample_vectorised(samplers: Sequence[Sampler], rows: Sequence[torch.Tensor]) -> list[int | Exception]:
-    """Every row's draw in one set of batched device ops and one device-to-host transfer.
-
-    The same distribution as `Sampler.sample` for every knob (greedy, Mirostat v2, top-k then top-p on
-    the renormalised rest, min-p, ties at a cut going to lower ids), computed over a stable descending
-    sort of each row. The uniform for each draw comes from the row's own seeded CPU generator, so a
-    seed still fixes the sequence of draws; the token a given uniform maps to can differ from the CPU
-    path, which inverts the CDF in token-id order.
-    """
-    vocab = samplers[0]._vocab_size
-    x = torch.stack([row.detach() for row in rows]).to(torch.float32)
-    if x.dim() != 2 or x.shape[1] != vocab:
-        raise ValueError(f"expected logits rows of size {vocab}, got {list(x.shape)}")
-    device = x.device
-    for i, sampler in enumerate(samplers):
-        sampler._adjust_(x[i])
-    greedy = [s._greedy for s in samplers]
-    # Host-side per-row knobs, moved to the device in one copy.
-    knobs = torch.tensor(
-        [
-            [
-                1.0 if s._greedy or s._temperature_last else s._params.temperature,
-                float(s._top_k or vocab),
-                s._top_p,
-                s._min_p,
-                _mirostat_threshold(s._mu),
-                0.0 if s._greedy else float(torch.rand((), generator=s._generator, dtype=torch.float64)),
-                1.0 / s._params.temperature if s._temperature_last else 1.0,
-                1.0 if s._rwkv_mirostat else 0.0,
-            ]
-            for s in samplers
-        ],
-        dtype=torch.float64,
-    ).to(device)
-    temp, top_k, top_p, min_p, miro, uniform, inv_temp_last, rwkv_miro = knobs.unbind(1)
-    rowmax = x.amax(dim=1)
-    greedy_tok = torch.argmax(x, dim=1)  # first maximal index: ties go to the lowest id
-    z = x / temp.to(torch.float32).unsqueeze(1)
-    pos_inf = z == _POS_INF
-    has_pos_inf = pos_inf.any(dim=1, keepdim=True)
-    probs = torch.where(
-        has_pos_inf,
-        pos_inf.to(torch.float32) / pos_inf.sum(1, keepdim=True).clamp_min(1),
-        torch.softmax(z, 1),
-    )
-    vals, ids = torch.sort(probs, dim=1, descending=True, stable=True)
-    rank = torch.arange(vocab, device=device).unsqueeze(0)
-    keep = rank < top_k.unsqueeze(1)
-    cum = torch.cumsum(vals * keep, dim=1, dtype=torch.float64)
-    target = top_p.unsqueeze(1) * cum[:, -1:]
-    nucleus = ((cum < target) & keep).sum(1, keepdim=True) + 1
-    nucleus = torch.where(top_p.unsqueeze(1) >= 1.0, top_k.unsqueeze(1).long(), nucleus)
-    keep &= rank < nucleus
-    keep &= vals >= min_p.unsqueeze(1).to(torch.float32) * vals[:, :1]
-    mirostat = miro >= 0
-    miro_cut = torch.minimum(miro.to(torch.float32), vals[:, 0]).unsqueeze(1)
-    miro_keep = vals >= miro_cut
-    # The "rwkv" Mirostat keeps min-p after its truncation.
-    miro_keep &= (rwkv_miro.unsqueeze(1) == 0) | (vals >= min_p.unsqueeze(1).to(torch.float32) * vals[:, :1])
-    keep = torch.where(mirostat.unsqueeze(1), miro_keep, keep)
-    keep[:, 0] = True  # the most probable token always stays
-    weights = torch.where(keep, vals, 0.0)
-    # temperature_last rows: w = q ** (1 / T) relative to the top weight (others have exponent 1).
-    weights = torch.where(
-        keep, (weights / vals[:, :1]).pow(inv_temp_last.to(torch.float32).unsqueeze(1)), 0.0
-    )
-    cdf = torch.cumsum(weights, dim=1, dtype=torch.float64)
-    total = cdf[:, -1:]
-    j = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)
-    j = torch.minimum(j, keep.sum(1, keepdim=True) - 1)  # u rounded up to the total: the last kept
-    sampled_tok = ids.gather(1, j).squeeze(1)
-    p_chosen = torch.where(
-        rwkv_miro > 0,
-        vals.gather(1, j).double().squeeze(1),
-        (weights.gather(1, j).double() / total).squeeze(1),
-    )
-    packed = torch.stack(
-        (
-            greedy_tok.double(),
-            sampled_tok.double(),
-            p_chosen,
-            rowmax.double(),
-            has_pos_inf.squeeze(1).double(),
-        )
-    ).cpu()  # the one device-to-host transfer of the step
-    g_tok, s_tok, p_tok, top, _ = packed.tolist()
-    out: list[int | Exception] = []
-    for i, sampler in enumerate(samplers):
-        if math.isnan(top[i]):
-            out.append(GenerationFailed("model produced NaN logits"))
-            continue
-        if top[i] == _NEG_INF:
-            out.append(GenerationFailed("every token is banned or has -inf logit; nothing can be sampled"))
-            continue
-        token = int(g_tok[i] if greedy[i] else s_tok[i])
-        if not greedy[i] and sampler._mu is not None:
-            surprise = -math.log2(p_tok[i]) if p_tok[i] > 0 else math.inf
-            sampler._mu -= sampler._params.mirostat_eta * (surprise - sampler._tau)
-        try:
-            sampler.accept(token)
-        except Exception as exc:
-            out.append(exc)
-            continue
-        out.append(token)
-    return out
-
-
-def _mirostat_threshold(mu: float | None) -> float:
-    """Mirostat's probability floor 2**-mu (as in `_distribution`); -1 when Mirostat is off."""
-    if mu is None:
-        return -1.0
-    return 2.0**-mu if mu > -1000.0 else math.inf

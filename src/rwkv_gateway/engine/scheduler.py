@@ -37,8 +37,9 @@ from rwkv_gateway.domain.types import (
     TokenEvent,
     Usage,
 )
+from rwkv_gateway.engine.batch_sampler import sample_batch
 from rwkv_gateway.engine.protocol import Backend, LiveState, StatesConsumed
-from rwkv_gateway.engine.sampler import Sampler, sample_batch
+from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
