@@ -326,7 +326,11 @@ class Sampler:
             cut = min(threshold, top_p)
             if self._rwkv_mirostat and self._min_p > 0.0:
                 cut = max(cut, self._min_p * top_p)  # min-p after the truncation (never above top_p)
-            return _Dist(torch.where(probs >= cut, probs, 0.0), None, probs)
+            # Only the kept tokens (at most 2**mu of them, usually a few dozen) go on: the temperature's
+            # power and the draw then cost nothing next to the softmax. In id order, as a full-width
+            # vector with zeros would be drawn from.
+            ids = torch.nonzero(probs >= cut).squeeze(1)
+            return _Dist(probs[ids], ids, probs)
 
         if self._top_k == 0 and self._top_p >= 1.0 and self._min_p <= 0.0:
             return _Dist(probs, None, probs)  # nothing to filter: no sort at all
