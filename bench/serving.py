@@ -5,7 +5,11 @@
     python bench/serving.py --users 32 --reply-tokens 128 --profile       # + py-spy of the server
 
 Starts `rwkv-gateway serve` as its own process (the clients never share its interpreter) on a generated,
-text-safe random-weight RWKV-7 of `--demo-shape` (or `--model`), then for each dialect and each N:
+text-safe random-weight RWKV-7 of `--demo-shape` (or `--model`) that never writes a newline (a role-play
+reply ends at a blank line, so a random model would end replies at random lengths and the batch would
+shrink as a level goes on; this way every reply runs `--reply-tokens` tokens, N users are N decoding rows
+from the first token to the last, and served tok/s compares with the bare forward at N), then for each
+dialect and each N:
 
 * **role-play**: N guests, each with the bundled character loaded, send one `/chat/reply` at the same
   instant with the Vue UI's default sampling (`tau=3 rate=0.1 min_p=0.05 temperature=2
@@ -277,6 +281,7 @@ async def level(
         "tok_s": rate,
         "ttft_p50_ms": percentile(ttft, 0.5),
         "ttft_p95_ms": percentile(ttft, 0.95),
+        "ttft_ms": sorted(round(t) for t in ttft),
         "per_user_tok_s": statistics.median(per_user) if per_user else float("nan"),
         "server_cpu_cores": (cpu1 - cpu0) / wall,
         "server_cpu_by_thread": {
@@ -456,7 +461,7 @@ def print_row(row: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
-        model_path = args.model or write_model(args.demo_shape, workdir)
+        model_path = args.model or write_model(args.demo_shape, workdir, newlines=False)
         backend = BatchedRwkv7Backend.load(model_path, args.strategy)
         package = load_model(model_path, args.strategy).model
         forward: dict[int, dict[str, float]] = {}
@@ -491,7 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["ttft_x_vs_single_user"] = row["ttft_p50_ms"] / single["ttft_p50_ms"]
         row["per_user_x_vs_package_single"] = row["per_user_tok_s"] / package_single
     return {
-        "model": str(args.model) if args.model else f"generated v7 {args.demo_shape}",
+        "model": str(args.model) if args.model else f"generated v7 {args.demo_shape}, no newline tokens",
         "strategy": args.strategy,
         "reply_tokens": args.reply_tokens,
         "server_env": env,

@@ -33,13 +33,26 @@ def parse_shape(shape: str) -> tuple[int, int]:
     return layers, embd
 
 
-def write_model(shape: str, folder: Path) -> Path:
-    """A random-weight, text-safe RWKV-7 checkpoint of this shape (the demo model's generator)."""
+def write_model(shape: str, folder: Path, *, newlines: bool = True) -> Path:
+    """A random-weight, text-safe RWKV-7 checkpoint of this shape (the demo model's generator).
+
+    `newlines=False`: the model never writes a token containing a newline either, so a reply that stops
+    at a blank line (role-play) runs to its token limit, and N users stay N decoding rows to the end.
+    """
     layers, embd = parse_shape(shape)
-    model = folder / f"bench-v7-L{layers}-D{embd}.pth"
-    if not model.exists():
+    model = folder / f"bench-v7-L{layers}-D{embd}{'' if newlines else '-nonl'}.pth"
+    if model.exists():
+        return model
+    if newlines:
         demo = [*CLI, "demo-model", str(model), "--layers", str(layers), "--embd", str(embd)]
         subprocess.run(demo, check=True, stdout=subprocess.DEVNULL)
+        return model
+    from rwkv_gateway.engine.demo_model import default_unsafe_ids, write_demo_model
+    from rwkv_gateway.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    newline = [i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)]
+    write_demo_model(model, n_layer=layers, n_embd=embd, unsafe_ids=default_unsafe_ids() + newline)
     return model
 
 
