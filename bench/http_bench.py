@@ -43,9 +43,12 @@ USER_TEXT = "Tell me a long story about a lighthouse keeper and the sea."  # = b
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    """One streamed chat completion: start, first content delta, end (perf_counter) and tokens."""
+    """One streamed chat completion: start, first content delta, end (perf_counter), tokens, and the
+    longest wait between two content deltas after the first (`gap`, seconds)."""
     t0 = time.perf_counter()
     first: float | None = None
+    last: float | None = None
+    gap = 0.0
     tokens = 0
     error: str | None = None
     finish: str | None = None
@@ -64,13 +67,24 @@ async def one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[st
                 error = str(event["error"].get("message", event["error"]))
                 continue
             for choice in event.get("choices") or []:
-                if first is None and (choice.get("delta") or {}).get("content"):
-                    first = time.perf_counter()
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    gap = max(gap, now - (last or now))
+                    last = now
                 finish = choice.get("finish_reason") or finish
             if event.get("usage"):
                 tokens = int(event["usage"]["completion_tokens"])
     end = time.perf_counter()
-    return {"start": t0, "first": first, "end": end, "tokens": tokens, "error": error, "finish": finish}
+    return {
+        "start": t0,
+        "first": first,
+        "end": end,
+        "tokens": tokens,
+        "error": error,
+        "finish": finish,
+        "gap": gap,
+    }
 
 
 async def decode_run(

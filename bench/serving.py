@@ -20,8 +20,10 @@ dialect and each N:
 Reported per level: aggregate decode tok/s (tokens generated, counted by the server's own
 `rwkv_gateway_generated_tokens_total`, over the time from the first streamed token to the last reply's
 end), time to first token p50/p95 (request sent to first streamed chunk), per-user decode tok/s (median
-over users of that user's tokens over its own first-chunk-to-end time), the server process's CPU use
-in cores (from /proc, user + system, over the same window), and the ratio to the single user's rate.
+over users of that user's tokens over its own first-chunk-to-end time), the longest pause inside a
+started stream (median and worst over users: decoding waits while other users' prompts are prefilled),
+the server process's CPU use in cores (from /proc, user + system, over the same window), and the ratio
+to the single user's rate.
 
 In the same run, with the server idle, this process loads the same checkpoint and measures the bare
 batched forward at each batch size N (N decode rows, states advanced in place as the scheduler does,
@@ -188,6 +190,8 @@ async def roleplay_user(client: httpx.AsyncClient, index: int, start: Start, run
     await start.ready()
     t0 = time.perf_counter()
     first: float | None = None
+    last: float | None = None
+    gap = 0.0
     chunks = 0
     tail = b""
     error: str | None = None
@@ -199,12 +203,15 @@ async def roleplay_user(client: httpx.AsyncClient, index: int, start: Start, run
             # Every event resends the whole reply so far; count event starts, not bytes.
             data = tail + raw
             count = data.count(ROLEPLAY_EVENT)
-            if count and first is None:
-                first = time.perf_counter()
+            if count:
+                now = time.perf_counter()
+                first = first or now
+                gap = max(gap, now - (last or now))
+                last = now
             chunks += count
             tail = data[-(len(ROLEPLAY_EVENT) - 1) :]
     end = time.perf_counter()
-    return {"start": t0, "first": first, "end": end, "chunks": chunks, "error": error}
+    return {"start": t0, "first": first, "end": end, "chunks": chunks, "error": error, "gap": gap}
 
 
 async def openai_user(
@@ -282,6 +289,10 @@ async def level(
         "ttft_p50_ms": percentile(ttft, 0.5),
         "ttft_p95_ms": percentile(ttft, 0.95),
         "ttft_ms": sorted(round(t) for t in ttft),
+        # The longest a stream waited between two deltas once it had started (prompts of users who
+        # arrived together being prefilled while it decodes): median and worst over users.
+        "stall_p50_ms": statistics.median(r["gap"] for r in ok) * 1000,
+        "stall_max_ms": max(r["gap"] for r in ok) * 1000,
         "per_user_tok_s": statistics.median(per_user) if per_user else float("nan"),
         "server_cpu_cores": (cpu1 - cpu0) / wall,
         "server_cpu_by_thread": {
@@ -447,6 +458,8 @@ def print_row(row: dict[str, Any]) -> None:
     )
     if row["errors"]:
         print(f"      {row['errors']} failed: {row['error_samples']}")
+    stall, worst = row["stall_p50_ms"], row["stall_max_ms"]
+    print(f"      longest pause in a stream: median {stall:.0f} ms, worst {worst:.0f} ms")
     threads = ", ".join(f"{name} {cores:.2f}" for name, cores in row["server_cpu_by_thread"].items())
     print(f"      server cores by thread: {threads}; client {row['client_cpu_cores']:.2f} cores")
     if eng := row["engine"]:
