@@ -52,15 +52,17 @@ class TemplateStates:
         )
 
     def restore(self, snap: StateSnapshot) -> LiveState:
-        """A fresh live state with each tensor on the device and in the dtype the model uses."""
+        """A fresh live state with each tensor on the device and in the dtype the model uses: one
+        host-to-device copy of the snapshot's buffer when the whole state is on one device."""
         snap.check_model(self.info.model_id)
         if snap.layout.shapes != self._layout.shapes:
             raise StateMismatch("state snapshot shapes do not match the loaded model")
-        out: LiveState = []
-        offset = 0
-        for tmpl in self._template:
-            n = tmpl.numel()
-            piece = snap.flat[offset : offset + n].view(tmpl.shape)
-            out.append(piece.to(device=tmpl.device, dtype=tmpl.dtype, copy=True))
-            offset += n
-        return out
+        devices = {t.device for t in self._template}
+        if len(devices) == 1:
+            return snap.restore(devices.pop(), [t.dtype for t in self._template])
+        # Layers split over devices (a v4-v6 strategy such as "cuda fp16 *10 -> cpu fp32"): a copy
+        # per tensor, each to its own layer's device.
+        return [
+            piece.to(device=tmpl.device, dtype=tmpl.dtype, non_blocking=True, copy=True)
+            for piece, tmpl in zip(snap.tensors(), self._template, strict=True)
+        ]

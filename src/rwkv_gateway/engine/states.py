@@ -1,4 +1,4 @@
-"""The state store: RNN state snapshots kept in a byte-budgeted RAM LRU and, on request, in files.
+"""The state store: RNN state snapshots kept in a byte-budgeted host-memory LRU and, on request, in files.
 
 `StateStore` owns the in-memory cache (thread-safe; used from the model thread and from async
 services via `asyncio.to_thread`) and the on-disk layout under one directory. `save_snapshot` and
@@ -307,8 +307,10 @@ class StateStore:
     # -- public API --------------------------------------------------------------------------------
 
     def put(self, key: str, snap: StateSnapshot, *, persist: bool = False) -> None:
-        """Cache `snap` under `key`; with `persist`, also write its file before returning."""
+        """Cache `snap` under `key`; with `persist`, also write its file before returning. The cache
+        holds host memory only (the budget is RAM): a snapshot on a device is copied to the host."""
         snap.check_model(self.model_id)
+        snap = snap.to_host()
         digest = _digest(key)
         path = self._path(digest)
         with self._key_lock(digest):
