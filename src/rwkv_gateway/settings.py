@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     )
     jit: bool = Field(default=True, description="RWKV_JIT_ON for the rwkv package")
     cuda_kernels: bool = Field(
-        default=False, description="RWKV_CUDA_ON: compile the rwkv package's CUDA kernels"
+        default=False,
+        description="RWKV_CUDA_ON: build the rwkv package's CUDA kernels (for models the package serves; "
+        "the batched RWKV-7 backend has none)",
     )
     demo_layers: int = Field(default=2, ge=1, le=64)
     demo_embd: int = Field(default=128, ge=64, le=4096)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,18 @@ def test_backend_choice(
 def test_batched_backend_refuses_older_versions(tmp_path: Path, v4_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="RWKV-7 only"):
         runtime.load(Settings(model=v4_path, data_dir=tmp_path, backend="batched"))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cuda_kernels_on_the_batched_backend_are_a_warning(
+    tmp_path: Path, v7_path: Path, kernels: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rwkv_gateway.engine.runtime")
+    loaded = runtime.load(Settings(model=v7_path, data_dir=tmp_path, cuda_kernels=kernels))
+    assert isinstance(loaded.backend, BatchedRwkv7Backend)
+    warned = [
+        (r.levelno, r.getMessage()) for r in caplog.records if "RWKV_GATEWAY_CUDA_KERNELS" in r.getMessage()
+    ]
+    assert warned == ([(logging.WARNING, runtime.CUDA_KERNELS_UNUSED)] if kernels else [])
+    # Nothing tried to build the rwkv package's kernels.
+    assert os.environ.get("RWKV_CUDA_ON") != "1"

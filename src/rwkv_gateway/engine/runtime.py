@@ -30,6 +30,14 @@ DEMO_WARNING = (
     "Start with --model /path/to/RWKV-x070-World-....pth to serve a real model."
 )
 
+#: The batched backend is plain torch: it has no kernels to build. Not an error, because one
+#: configuration may serve models of several versions and the setting is right for the others.
+CUDA_KERNELS_UNUSED = (
+    "RWKV_GATEWAY_CUDA_KERNELS has no effect on this RWKV-7 model: the batched backend that serves it "
+    "uses no custom kernels. The setting builds the rwkv package's kernels, for v4-v6 models or "
+    "RWKV_GATEWAY_BACKEND=package"
+)
+
 
 @dataclass(slots=True)
 class LoadedModel:
@@ -78,6 +86,8 @@ def _load(settings: Settings) -> LoadedModel:
     if settings.backend == "batched" and info.version != "7":
         raise ModelLoadError(f"the batched backend serves RWKV-7 only; this model is v{info.version}")
     if use_batched:
+        if settings.cuda_kernels:
+            logger.warning(CUDA_KERNELS_UNUSED)
         backend: Backend = BatchedRwkv7Backend.load(path, settings.strategy, name=name, is_demo=is_demo)
         return LoadedModel(backend=backend, tokenizer=tokenizer)
     backend = load_model(
