@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+import sys
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
+from rwkv_gateway.engine import loader
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.demo_model import UNSAFE_LOGIT, default_unsafe_ids
 from rwkv_gateway.engine.loader import detect_version, inspect_checkpoint, load_model, preflight
@@ -117,3 +125,79 @@ def test_fingerprint_distinguishes_models(v7_path: Path, v4_path: Path) -> None:
     a, b = inspect_checkpoint(v7_path), inspect_checkpoint(v4_path)
     assert a.model_id != b.model_id
     assert a.model_id == inspect_checkpoint(v7_path).model_id
+
+
+# -------------------------------------------------------------------------- RWKV_CUDA_ON import
+
+
+@pytest.fixture
+def flags(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """The package's flags before the test (put back after it); RWKV_CUDA_ON starts unset."""
+    monkeypatch.delenv("RWKV_CUDA_ON", raising=False)
+    for flag in ("RWKV_V7_ON", "RWKV_JIT_ON"):
+        monkeypatch.setenv(flag, "0")
+    return {flag: os.environ.get(flag) for flag in ("RWKV_V7_ON", "RWKV_JIT_ON", "RWKV_CUDA_ON")}
+
+
+def no_nvcc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel builds fail as they do without a CUDA toolkit, on any machine."""
+
+    def load(*_args: object, **_kwargs: object) -> None:
+        raise OSError("CUDA_HOME environment variable is not set (simulated)")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+
+
+def test_a_failed_kernel_build_falls_back_with_warnings(
+    monkeypatch: pytest.MonkeyPatch, flags: dict[str, str | None], caplog: pytest.LogCaptureFixture
+) -> None:
+    no_nvcc(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="rwkv_gateway.engine.loader")
+    module = loader.import_rwkv_model(v7=True, jit=True, cuda=True)
+    assert module is loader.import_rwkv_model(v7=True, jit=True, cuda=False)
+    # The flag describes the module in use, which has no kernels.
+    assert os.environ["RWKV_CUDA_ON"] == "0"
+    assert "rwkv_gateway._rwkv_model_111" not in sys.modules
+    assert (True, True, True) not in loader._MODULES
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # The package's own notice (it tried without cuBLAS first), then ours naming the setting.
+    assert any("falling back to torch.matmul" in m for m in warnings), warnings
+    assert any(m.startswith("RWKV_GATEWAY_CUDA_KERNELS") and "simulated" in m for m in warnings), warnings
+
+
+def test_a_failed_import_puts_the_flags_back(
+    monkeypatch: pytest.MonkeyPatch, flags: dict[str, str | None], tmp_path: Path
+) -> None:
+    broken = tmp_path / "model.py"
+    broken.write_text("raise ImportError('no CUDA here (simulated)')\n")
+    find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name: str, *args: Any) -> ModuleSpec | None:
+        if name == "rwkv.model":
+            return importlib.util.spec_from_file_location(name, broken)
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(loader, "_MODULES", {})
+    with pytest.raises(ModelLoadError, match="no CUDA here"):
+        loader.import_rwkv_model(v7=True, jit=True, cuda=True)
+    assert {flag: os.environ.get(flag) for flag in flags} == flags
+    assert loader._MODULES == {}
+
+
+def test_the_package_notices_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="rwkv_gateway.engine.loader")
+    printed = [
+        "Emitting ninja build file /data/torch-extensions/wkv_cuda/build.ninja...",
+        "Failed to build cuBLAS matmul, falling back to torch.matmul. Small model with fp16 will overflow.",
+        "Note: You are running out of RAM. Get more CPU RAM. Now this will run much slower.",
+    ]
+    with loader._package_output():
+        for line in printed:
+            sys.stdout.write(line + "\n")  # what the package's print calls do
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        (logging.DEBUG, f"rwkv: {printed[0]}"),
+        (logging.WARNING, f"rwkv: {printed[1]}"),
+        (logging.WARNING, f"rwkv: {printed[2]}"),
+    ]

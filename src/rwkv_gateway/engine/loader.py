@@ -4,7 +4,8 @@ The `rwkv` package decides at import time which architecture and kernels it prov
 RWKV_JIT_ON, RWKV_CUDA_ON), so the version is read from the checkpoint's keys first (a memory-mapped
 load that reads no weights), the flags are set from settings, and only then is `rwkv.model` imported.
 Each flag combination gets its own module instance, so a test process can hold a v4 and a v7 model.
-Every failure becomes one `ModelLoadError` with a message fit for a single log line.
+Every failure becomes one `ModelLoadError` with a message fit for a single log line, except a failed
+build of the package's CUDA kernels: the package then runs without them, after a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -131,8 +133,15 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     )
 
 
+#: Lines the `rwkv` package prints that an operator must see: it fell back to slower code or one
+#: that overflows ("Failed to build cuBLAS matmul, falling back to torch.matmul. Small model with
+#: fp16 will overflow.") or is short of memory ("Note: You are running out of RAM. ...").
+_NOTICE = re.compile(r"falling back|^\s*note:", re.IGNORECASE)
+
+
 class _LogWriter(io.TextIOBase):
-    """Sends what the `rwkv` package prints to our log, line by line (it prints its progress)."""
+    """Sends what the `rwkv` package prints to our log, line by line: its progress (and the kernel
+    build's output) at debug level, its notices at warning level."""
 
     def __init__(self) -> None:
         self._buf = ""
@@ -144,7 +153,8 @@ class _LogWriter(io.TextIOBase):
         while "\n" in self._buf:
             line, self._buf = self._buf.split("\n", 1)
             if line.strip():
-                logger.debug("rwkv: %s", line.rstrip())
+                level = logging.WARNING if _NOTICE.search(line) else logging.DEBUG
+                logger.log(level, "rwkv: %s", line.rstrip())
         return len(s)
 
 
@@ -160,36 +170,70 @@ def _package_output() -> Iterator[_LogWriter]:
 
 
 def import_rwkv_model(*, v7: bool, jit: bool, cuda: bool) -> ModuleType:
-    """`rwkv.model` imported with the given flags (one module instance per combination)."""
-    key = (v7, jit, cuda)
+    """`rwkv.model` imported with the given flags (one module instance per combination).
+
+    With `cuda`, importing builds the package's CUDA kernels, which fails without nvcc, a CUDA
+    toolkit or a GPU. Then the package is imported without them, and a warning says so: the
+    server still serves, with the package's plain torch code (slower)."""
     with _IMPORT_LOCK:
-        if key in _MODULES:
-            return _MODULES[key]
         spec = importlib.util.find_spec("rwkv.model")
         if spec is None or spec.origin is None:
             raise ModelLoadError("the rwkv package is not installed (pip install rwkv)")
-        # The package also reads RWKV_JIT_ON / RWKV_CUDA_ON when a model is built and while it runs,
-        # so the flags stay set for the life of the process (one model per process in production).
-        os.environ.update(
-            {
-                "RWKV_V7_ON": "1" if v7 else "0",
-                "RWKV_JIT_ON": "1" if jit else "0",
-                "RWKV_CUDA_ON": "1" if cuda else "0",
-            }
-        )
-        name = f"rwkv_gateway._rwkv_model_{int(v7)}{int(jit)}{int(cuda)}"
         try:
-            mod_spec = importlib.util.spec_from_file_location(name, spec.origin)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module
-            with _package_output():
-                mod_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise ModelLoadError(f"could not import rwkv.model: {exc}") from None
-        _MODULES[key] = module
+            return _import_locked(spec.origin, v7=v7, jit=jit, cuda=cuda)
+        except ModelLoadError as exc:
+            if not cuda:
+                raise
+            logger.warning(
+                "RWKV_GATEWAY_CUDA_KERNELS: the rwkv package's CUDA kernels could not be built (%s); "
+                "falling back to its torch code, which is slower",
+                exc.message,
+            )
+        module = _import_locked(spec.origin, v7=v7, jit=jit, cuda=False)
+        # The package reads the flag again when it builds and runs a model: it must describe the
+        # module in use, which has no kernels (an earlier import may have left it unset or "1").
+        os.environ["RWKV_CUDA_ON"] = "0"
         return module
+
+
+_FLAGS = ("RWKV_V7_ON", "RWKV_JIT_ON", "RWKV_CUDA_ON")
+
+
+def _import_locked(origin: str, *, v7: bool, jit: bool, cuda: bool) -> ModuleType:
+    """The module for one flag combination, from the package's `model.py` at `origin`."""
+    key = (v7, jit, cuda)
+    if key in _MODULES:
+        return _MODULES[key]
+    # The package also reads RWKV_JIT_ON / RWKV_CUDA_ON when a model is built and while it runs,
+    # so the flags stay set for the life of the process (one model per process in production) --
+    # unless the import fails: then they go back to what they were, so no flag claims a module
+    # that was never loaded.
+    previous = {flag: os.environ.get(flag) for flag in _FLAGS}
+    os.environ.update(
+        {
+            "RWKV_V7_ON": "1" if v7 else "0",
+            "RWKV_JIT_ON": "1" if jit else "0",
+            "RWKV_CUDA_ON": "1" if cuda else "0",
+        }
+    )
+    name = f"rwkv_gateway._rwkv_model_{int(v7)}{int(jit)}{int(cuda)}"
+    try:
+        mod_spec = importlib.util.spec_from_file_location(name, origin)
+        assert mod_spec is not None and mod_spec.loader is not None
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        with _package_output():
+            mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        for flag, value in previous.items():
+            if value is None:
+                os.environ.pop(flag, None)
+            else:
+                os.environ[flag] = value
+        raise ModelLoadError(f"could not import rwkv.model: {exc}") from None
+    _MODULES[key] = module
+    return module
 
 
 def _check_strategy(strategy: str, version: str) -> tuple[str, str]:
