@@ -228,3 +228,25 @@ def test_cuda_snapshots_are_pinned_and_round_trip(v7_path: Path) -> None:
     again, _ = backend.forward([[4]], [live])
     expected, _ = backend.forward([[4]], [states[0]])
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+async def test_a_restored_snapshots_logits_go_where_the_model_is(
+    meta_backend: BatchedRwkv7Backend, tmp_path: Path
+) -> None:
+    """A request that starts from a host snapshot with logits (a role-play reply, a prefix-cache hit)
+    samples its first token from them in the same batch as the model's own device logits."""
+    from rwkv_gateway.domain.types import GenerationRequest
+    from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
+    from rwkv_gateway.engine.tokenizer import load_tokenizer
+
+    logits, state = forward_one(meta_backend)
+    with DeviceCopies():
+        snap = meta_backend.capture(state, 3, logits)
+    assert snap.logits is not None and snap.logits.device.type == "cpu"
+    scheduler = Scheduler(meta_backend, load_tokenizer(None), EngineConfig())  # decodes nothing here
+    seq = await scheduler._prepare(GenerationRequest(initial_state=snap, max_tokens=4))
+    with DeviceCopies() as copies:
+        live = scheduler._initial_state(seq)
+    assert live is not None and all(t.device.type == "meta" for t in live)
+    assert seq.logits is not None and seq.logits.device.type == "meta"
+    assert copies.to_device == 2  # the state's one copy, and the logits'

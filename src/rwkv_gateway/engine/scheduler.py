@@ -660,7 +660,12 @@ class Scheduler:
                     seq.logits = snap.logits
                     seq.prompt_snapshot = snap
             assert isinstance(snap, StateSnapshot)
-            return self.backend.restore(snap)
+            state = self.backend.restore(snap)
+            # Snapshots rest in host memory; the logits a step samples from must be where the model's
+            # own are (the last layer's device), or a GPU batch could not sample them together.
+            if seq.logits is not None and state and seq.logits.device != state[-1].device:
+                seq.logits = seq.logits.to(state[-1].device, non_blocking=True)
+            return state
         except GatewayError as exc:
             self._finish(seq, FinishReason.ERROR, error=exc.message)
         except Exception:
