@@ -17,11 +17,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from rwkv_gateway.db.migrate import (
-    MIGRATIONS_DIR,
     alembic_config,
     current_revision,
     downgrade,
     head_revision,
+    migrations_dir,
     upgrade,
 )
 from rwkv_gateway.db.models import Base
@@ -137,7 +137,7 @@ def test_failed_migration_leaves_the_database_untouched(
 ) -> None:
     """On SQLite all pending revisions run in one transaction: a failure rolls back the earlier ones too."""
     scripts = tmp_path / "migrations"
-    shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
     # Chained on the real head, so every real revision runs before the broken one.
     (scripts / "versions" / "9999_broken.py").write_text(
         "import sqlalchemy as sa\n"

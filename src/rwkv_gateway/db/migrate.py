@@ -1,16 +1,19 @@
 """Schema migrations from inside the program: build Alembic's Config in code and upgrade, downgrade or
 inspect a database.
 
-The Config points at the migrations shipped inside the package (found next to this file, so an
-installed wheel works the same as a checkout) and never reads `alembic.ini`, so Alembic's logging
-setup is not applied over the service's. These functions are synchronous, and the migration
-environment runs its async engine with `asyncio.run`, so they must be called from a thread without a
-running event loop; async code calls them as `await asyncio.to_thread(upgrade, url)`.
+The Config points at the migration scripts wherever the import system finds the package
+`rwkv_gateway.migrations`: `migrations/` at the top of the repository in an editable install, the copy
+inside the package in an installed wheel (pyproject.toml maps the one onto the other). It never reads
+`alembic.ini`, so Alembic's logging setup is not applied over the service's. These functions are
+synchronous, and the migration environment runs its async engine with `asyncio.run`, so they must be
+called from a thread without a running event loop; async code calls them as
+`await asyncio.to_thread(upgrade, url)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -25,13 +28,27 @@ from rwkv_gateway.db.session import create_db_engine
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def migrations_dir() -> Path:
+    """The directory holding the Alembic environment (`env.py`) and its `versions/`."""
+    # Not a path next to this file: in a checkout the scripts sit at the repository root and only the
+    # package mapping (pyproject.toml's package-dir, which the wheel and the editable install both
+    # apply) makes them `rwkv_gateway.migrations`. find_spec locates the package without importing it.
+    spec = importlib.util.find_spec("rwkv_gateway.migrations")
+    if spec is None:
+        raise RuntimeError("rwkv_gateway.migrations not found: install the project (pip install -e .)")
+    if spec.origin is None:
+        # A directory without __init__.py found first, as a namespace package: in an older checkout,
+        # src/rwkv_gateway/migrations kept alive by its __pycache__ after the scripts moved to the root.
+        found = ", ".join(spec.submodule_search_locations or [])
+        raise RuntimeError(f"{found} is not the migrations package (left from an older layout?): delete it")
+    return Path(spec.origin).parent
 
 
 def alembic_config(url: str) -> Config:
     """An Alembic Config for `url` using the package's migrations, without any ini file."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     # Config values go through configparser interpolation: a URL-encoded password ("%40") needs "%%".
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logging"] = False

@@ -1,8 +1,8 @@
 """The ORM tables: accounts and their tokens, role-play cards, conversations and their nodes, API
 credentials with the access tokens issued for them, and the request log.
 
-Alembic owns the schema (`rwkv_gateway/migrations`); these classes must match the latest migration,
-which a test checks with Alembic's autogenerate comparison. Primary keys are integers throughout,
+Alembic owns the schema (`migrations/` at the repository root); these classes must match the latest
+migration, which a test checks with Alembic's autogenerate comparison. Primary keys are integers throughout,
 timestamps are aware UTC datetimes, secrets that are only ever compared are stored as SHA-256 hex
 digests, and child rows go away with their parent through `ON DELETE CASCADE` in the database (SQLite
 enforces it because every connection turns `foreign_keys` on), so no ORM relationship is needed to
