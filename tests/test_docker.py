@@ -527,11 +527,11 @@ def test_health_probe_follows_readyz() -> None:
     assert "Traceback" not in down.stderr
 
 
-# ---------------------------------------------------------------------------- the README's nginx examples
+# ---------------------------------------------------------------------------- docs/deployment.md nginx
 
 
-def readme_nginx_blocks() -> list[str]:
-    blocks = re.findall(r"```nginx\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def deployment_nginx_blocks() -> list[str]:
+    blocks = re.findall(r"```nginx\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S)
     assert len(blocks) == 2, "the proxy example and the scaling example"
     return blocks
 
@@ -559,8 +559,8 @@ def nginx_conf(tmp: Path, body: str) -> Path:
     return conf
 
 
-def test_readme_nginx_examples_are_valid(nginx: str, tmp_path: Path) -> None:
-    proxy, scaling = readme_nginx_blocks()
+def test_deployment_nginx_examples_are_valid(nginx: str, tmp_path: Path) -> None:
+    proxy, scaling = deployment_nginx_blocks()
     proxy = proxy.replace("listen 443 ssl;", f"listen 127.0.0.1:{free_port()};")
     scaling += (
         f"\nserver {{ listen 127.0.0.1:{free_port()}; location / {{ proxy_pass http://rwkv_gateway; }} }}"
@@ -577,9 +577,10 @@ def test_readme_nginx_examples_are_valid(nginx: str, tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
 
 
-def test_readme_proxy_passes_what_signatures_cover(nginx: str, tmp_path: Path) -> None:
-    """Through the README's proxy block, a signed Baidu request reaches the upstream with its path,
-    query, Host (port included), x-bce-date, Authorization and qianfan's Request_id unchanged."""
+def test_deployment_proxy_passes_what_signatures_cover(nginx: str, tmp_path: Path) -> None:
+    """Through the proxy block of docs/deployment.md, a signed Baidu request reaches the upstream with
+    its path, query, Host (port included), x-bce-date, Authorization and qianfan's Request_id
+    unchanged."""
     seen: dict[str, Any] = {}
 
     class Echo(http.server.BaseHTTPRequestHandler):
@@ -598,7 +599,7 @@ def test_readme_proxy_passes_what_signatures_cover(nginx: str, tmp_path: Path) -
     thread = threading.Thread(target=upstream.serve_forever, daemon=True)
     thread.start()
     listen = free_port()
-    proxy = readme_nginx_blocks()[0]
+    proxy = deployment_nginx_blocks()[0]
     proxy = proxy.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen};")
     proxy = proxy.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream.server_address[1]};")
     conf = nginx_conf(tmp_path, proxy)
