@@ -2,7 +2,7 @@
 
 The model is a tiny random-weight RWKV-7, so replies are noise made of real tokens; greedy decoding
 (temperature 0) is deterministic, and so is sampling with a seed. The tests check the wire contract of
-wire-protocols.md §B as the SDK sees it: shapes, stream invariants, usage, stops, seeds, n, errors.
+docs/openai.md as the SDK sees it: shapes, stream invariants, usage, stops, seeds, n, errors.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def chat(client: openai.OpenAI, server: LiveServer, **kwargs: Any) -> Any:
 
 
 def collect_chat_stream(chunks: list[Any]) -> tuple[dict[int, str], dict[int, str], Any]:
-    """(text per choice index, finish_reason per index, usage) of a chat stream, checking §B.3's
-    invariants on the way: constant id/created/model, `role` first, one finish_reason per choice."""
+    """(text per choice index, finish_reason per index, usage) of a chat stream, checking the
+    invariants of docs/openai.md#3-chat-completion-streams on the way: constant id/created/model,
+    `role` first, one finish_reason per choice."""
     assert chunks, "empty stream"
     texts: dict[int, str] = defaultdict(str)
     finishes: dict[int, str] = {}

@@ -1,5 +1,5 @@
 """The official `qianfan` SDK (0.4.12.3) against a live `rwkv_gateway serve` process, pointed at it
-with the base-URL variables of wire-protocols.md §A.8 (`QIANFAN_BASE_URL`,
+with the base-URL variables of docs/wenxin.md#using-it (`QIANFAN_BASE_URL`,
 `QIANFAN_CONSOLE_API_BASE_URL`) and `endpoint="rwkv"` (the configured api_name).
 
 Both ways the SDK authenticates: OAuth (`ak`/`sk`: it fetches a token from /oauth/2.0/token itself,

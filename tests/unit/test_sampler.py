@@ -725,7 +725,7 @@ def test_validate_accepts(knobs: dict[str, Any]) -> None:
     SamplingParams(**knobs).validate(vocab_size=8)
 
 
-# -- the role-play sampler's knobs (roleplay-compat §6.2) ----------------------------------------------
+# -- the role-play sampler's knobs (docs/roleplay.md#13-sampling) --------------------------------------
 
 
 def test_avoid_repeat_bans_the_token_just_consumed() -> None:

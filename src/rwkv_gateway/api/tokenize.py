@@ -1,4 +1,4 @@
-"""POST /tokenize, shared by two dialects on one path (wire-protocols C.5).
+"""POST /tokenize, shared by two dialects on one path (docs/glm.md#4-tokenize).
 
 A body with a `model` or `add_special_tokens` key is a vLLM-style request (SillyTavern counting
 tokens) answered by the OpenAI dialect; anything else gets the ChatGLM shape `{tokenIds, tokens}`

@@ -43,7 +43,7 @@ __all__ = [
     "User",
 ]
 
-#: Longest user or character name (role-play compat spec §2.4: 1-64 characters after NFC).
+#: Longest user or character name (1-64 characters after NFC: docs/roleplay.md#7-names).
 NAME_LEN = 64
 #: A SHA-256 hex digest.
 DIGEST_LEN = 64
@@ -63,7 +63,7 @@ class User(Base):
 
     __tablename__ = "users"
     __table_args__ = (
-        # Guest cleanup scans idle guests (role-play compat spec §3.2).
+        # Guest cleanup scans idle guests (docs/roleplay.md#8-guests).
         Index("ix_users_is_guest_last_seen_at", "is_guest", "last_seen_at"),
     )
 
@@ -96,9 +96,9 @@ class Character(Base):
     """A user's role-play character card.
 
     Card fields of the role-play API (`/characters/save`, `/characters/get`) map onto columns so:
-    `bot` -> `name` (the card key: the compat spec requires key == `bot`), `user` -> `user_alias`
-    (what the character calls the user), `greeting` -> `greeting`, `bot_persona` -> `persona`,
-    `example_message` -> `example_message` (absent/null/"null"/"undefined" are stored as ""),
+    `bot` -> `name` (the key of the card, its chat and its states: docs/roleplay.md#9-characters),
+    `user` -> `user_alias` (what the character calls the user), `greeting` -> `greeting`, `bot_persona`
+    -> `persona`, `example_message` -> `example_message` (absent/null/"null"/"undefined" are stored as ""),
     `use_qa` -> `use_qa`, `avatar` -> `avatar` (a data URL; NULL when the card has none).
     """
 

@@ -379,7 +379,7 @@ class RoleplayService:
             return card_fields(character), extra if isinstance(extra, dict) else {}
 
     def check_card(self, card: CardFields, *, require_greeting: bool = True) -> CardFields:
-        """Required fields, the name rule and the avatar cap, in that order (compat spec §3.5)."""
+        """Required fields, the name rule, then the avatar cap (docs/roleplay.md#9-characters)."""
         if not card.user or not card.bot or (require_greeting and not card.greeting) or not card.bot_persona:
             raise RoleplayFailure(MSG_EMPTY)
         bot = valid_name(card.bot)
@@ -621,7 +621,7 @@ class RoleplayService:
             sampling=sampling,
             max_tokens=self._max_reply_tokens,
             stop=(REPLY_STOP,),
-            stop_on_eos=False,  # end-of-text is banned instead (compat spec §6.3)
+            stop_on_eos=False,  # end-of-text is banned instead (docs/roleplay.md#13-sampling)
             return_state=True,
             use_prefix_cache=False,
             dialect=DIALECT,

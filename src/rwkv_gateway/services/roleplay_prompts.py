@@ -1,9 +1,10 @@
-"""Role-play prompt text, names and sampling: the pure rules of the role-play API (compat spec §2.4, §5, §6).
+"""Role-play prompt text, names and sampling: the pure rules of the role-play API.
 
 Everything here is a function of its arguments: the persona block prefilled once per character,
 the text of a user turn, of a reply and of a "said for the character" message, the validation of
 user and character names, and the mapping of the role-play sampling fields (tau, rate, min_p,
-temperature, presence_penalty) onto the shared sampler's `SamplingParams`.
+temperature, presence_penalty) onto the shared sampler's `SamplingParams`. The rules are written
+down in docs/roleplay.md (#7-names, #12-prompt-text, #13-sampling).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ NODE_KEY_PREFIX = "roleplay-node:"
 EOS_TOKEN = 0
 #: A reply ends at the first blank line.
 REPLY_STOP = "\n\n"
-#: Single-token punctuation the sampler never repeats right after consuming it (§6.2 step 1b).
+#: Single-token punctuation the sampler never repeats right after consuming it
+#: (docs/roleplay.md#13-sampling, step 1).
 AVOID_REPEAT = ".!?,()[]{}。！？，（）:："  # noqa: RUF001 (the full-width forms are meant)
 
 DEFAULT_TAU = 3.0
@@ -35,8 +37,8 @@ _TINY_RATE = 1e-12
 
 
 def valid_name(name: str | None) -> str | None:
-    """The NFC form of a user or character name, or None when it is not acceptable (§2.4): 1-64
-    characters, no slash, backslash or control character, not "." or ".."."""
+    """The NFC form of a user or character name, or None when it is not acceptable: 1-64 characters,
+    no slash, backslash or control character, not "." or ".." (docs/roleplay.md#7-names)."""
     if name is None:
         return None
     name = unicodedata.normalize("NFC", name)
@@ -72,7 +74,8 @@ class CardText:
 
 
 def persona_block(card: CardText, *, with_greeting: bool = True) -> str:
-    """Examples, persona and greeting line (§5.1): the text prefilled once per character."""
+    """Examples, persona and greeting line: the text prefilled once per character
+    (docs/roleplay.md#12-prompt-text)."""
     examples = card.substitute(card.example_message)
     persona = card.substitute(card.bot_persona)
     raw = (examples + "\n\n" if examples else "") + persona
@@ -83,7 +86,8 @@ def persona_block(card: CardText, *, with_greeting: bool = True) -> str:
 
 
 def user_turn(card: CardText, prompt: str) -> str:
-    """The text fed for a user message (§5.2): no space after the final colon, the model adds it."""
+    """The text fed for a user message: no space after the final colon, the model adds it
+    (docs/roleplay.md#12-prompt-text)."""
     return f"{card.user_label}: {prompt}\n\n{card.bot_label}:"
 
 
@@ -104,7 +108,8 @@ def sampling_params(
     temperature: float | None = None,
     presence_penalty: float | None = None,
 ) -> SamplingParams:
-    """The role-play sampler (§6) on the shared sampler. Absent or non-finite values take the defaults.
+    """The role-play sampler (docs/roleplay.md#13-sampling) on the shared sampler. Absent or
+    non-finite values take the defaults.
 
     The RWKV Mirostat v2 with `tau` and `rate` (mu starts at 2*tau; truncation, then min-p, on the
     temperature-1 distribution; the temperature then reshapes the survivors; mu learns from the chosen

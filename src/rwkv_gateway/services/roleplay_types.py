@@ -1,8 +1,8 @@
 """What the role-play routes see of the role-play services, free of any database import.
 
-The messages of the reference (compat spec §1.5), the failure type that carries them, the account and
-card value types, the `ReplyJob` a reply or resay hands to the route, and the protocols the routes
-call (`RoleplayAPI`, `UsersAPI`), which `services/roleplay.py` and `services/users.py` implement.
+The messages of the reference (docs/roleplay.md#4-messages), the failure type that carries them, the
+account and card value types, the `ReplyJob` a reply or resay hands to the route, and the protocols the
+routes call (`RoleplayAPI`, `UsersAPI`), which `services/roleplay.py` and `services/users.py` implement.
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
@@ -20,7 +20,7 @@ from rwkv_gateway.errors import GatewayError
 
 logger = logging.getLogger(__name__)
 
-# The reference's messages (compat spec §1.5), byte for byte.
+# The reference's messages, byte for byte (docs/roleplay.md#4-messages).
 MSG_KEY_MISSING = "缺少关键参数"
 MSG_NO_USER = "用户不存在"
 MSG_BAD_PASSWORD = "密码不正确"
@@ -120,8 +120,8 @@ class ReplyJob:
             if finish is None or finish.reason not in (FinishReason.STOP, FinishReason.LENGTH):
                 logger.warning("role-play reply ended without a reply: %s", finish and finish.error)
                 return
-            # At the length cap the text is kept as generated (compat spec §4.2) minus a character
-            # the cap split (the decoder's replacement for its partial bytes).
+            # At the length cap the text is kept as generated (docs/roleplay.md#11-the-reply-stream)
+            # minus a character the cap split (the decoder's replacement for its partial bytes).
             final = text.strip() if finish.reason is FinishReason.STOP else text.rstrip("\ufffd")
             await self._commit(text, final, finish)
             yield final

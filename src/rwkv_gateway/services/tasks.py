@@ -113,7 +113,7 @@ def new_seed() -> int:
 
 @dataclass(frozen=True, slots=True)
 class GenParams:
-    """A task's generation parameters (Task API names and meanings, spec D.2)."""
+    """A task's generation parameters (names and meanings: docs/tasks.md#3-request-bodies)."""
 
     max_tokens: int = 4096
     temperature: float = 1.0

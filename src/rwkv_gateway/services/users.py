@@ -67,7 +67,7 @@ def _digest(token: str) -> str:
 
 
 def _optional_text(value: Any) -> str:
-    # The UI serialises JS null/undefined as these strings (compat spec §3.5).
+    # The UI serialises JS null/undefined as these strings (docs/roleplay.md#9-characters).
     if value is None or value in ("null", "undefined") or not isinstance(value, str):
         return ""
     return value
@@ -288,7 +288,7 @@ class UserService:
         return name, name
 
     async def authenticate(self, user_name: str | None, token: str | None) -> Account:
-        """The token check (compat spec §2.1), in the reference's order."""
+        """The token check, in the reference's order (docs/roleplay.md#6-token-check)."""
         if not user_name or not token:
             raise RoleplayFailure(MSG_EMPTY)
         name = valid_name(user_name)

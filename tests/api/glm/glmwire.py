@@ -1,5 +1,5 @@
 """Helpers for the ChatGLM-style wire tests: a streaming client that parses the exact SSE framing of
-wire-protocols C.3 and rebuilds the reply with `+=`, and a spy on the engine's requests."""
+docs/glm.md#3-chat-stream and rebuilds the reply with `+=`, and a spy on the engine's requests."""
 
 from __future__ import annotations
 

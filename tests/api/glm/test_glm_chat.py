@@ -1,6 +1,6 @@
 """POST /chat and /chat-stream through the real app and engine: response shape and counts, the
 stream rebuilt with `+=` equals the one-shot reply, history forms, max_length, defaults, and
-multi-turn prefix-cache reuse (wire-protocols C.1-C.4)."""
+multi-turn prefix-cache reuse (docs/glm.md, sections 1-3)."""
 
 from __future__ import annotations
 

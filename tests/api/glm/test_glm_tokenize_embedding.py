@@ -1,6 +1,7 @@
-"""The GLM shape of POST /tokenize (wire-protocols C.5) and POST /embedding (C.6) on the real app:
-ids round-trip through the tokenizer, readable tokens with `<0xHH>` escapes, max_length truncation;
-embeddings deterministic, L2-normalised and the same vectors as /v1/embeddings."""
+"""The GLM shape of POST /tokenize (docs/glm.md#4-tokenize) and POST /embedding
+(docs/glm.md#5-embedding) on the real app: ids round-trip through the tokenizer, readable tokens with
+`<0xHH>` escapes, max_length truncation; embeddings deterministic, L2-normalised and the same vectors
+as /v1/embeddings."""
 
 from __future__ import annotations
 

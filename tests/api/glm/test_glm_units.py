@@ -1,4 +1,4 @@
-"""Pure pieces of the ChatGLM-style dialect: the exact event bytes of wire-protocols C.3, comments and
+"""Pure pieces of the ChatGLM-style dialect: the exact event bytes of docs/glm.md#3-chat-stream, comments and
 pings, history pairing, field paths in error details, and the reply pieces' token counts."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rwkv_gateway.errors import InvalidParameter, NotReady, ServerBusy
 
 
 def test_event_bytes_are_the_reference_bytes() -> None:
-    # wire-protocols C.3, verbatim.
+    # The byte layout of docs/glm.md#3-chat-stream, exactly.
     first = {"content": "E", "prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
     second = {"content": "c", "prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
     tail = {"model": "chatglm2-6b-32k", "object": "chat.completion"}

@@ -51,7 +51,7 @@ def frames(body: str) -> list[str]:
 
 
 class Scripted:
-    """A token stream that replays given events (the compat spec's scripted token source)."""
+    """A token stream that replays given events (a scripted token source)."""
 
     def __init__(self, events: list[Any]) -> None:
         self.events = events
@@ -70,8 +70,8 @@ class Scripted:
         raise NotImplementedError
 
 
-async def test_stream_framing_of_the_spec_example() -> None:
-    """§4.2: tokens " 你", "好", "！", "\\n\\n" give exactly this body."""
+async def test_stream_framing_example() -> None:
+    """docs/roleplay.md#11-the-reply-stream: tokens " 你", "好", "！", "\\n\\n" give exactly this body."""
     committed: list[tuple[str, str]] = []
     released: list[bool] = []
 
@@ -454,8 +454,9 @@ async def test_an_incomplete_character_at_the_cap_is_dropped() -> None:
 
 
 async def test_rewind_index_arithmetic_of_the_ui(rp: RP) -> None:
-    """§9.4: the UI rewinds bubble k (newest first) to (bubbles - k - 1) / 2 and then shows 2i + 1
-    bubbles; over a 3-turn chat that must keep exactly the rows up to that bubble's row."""
+    """The UI rewinds bubble k (newest first) to (bubbles - k - 1) / 2 and then shows 2i + 1 bubbles
+    (docs/roleplay.md#15-what-the-ui-relies-on); over a 3-turn chat that must keep exactly the rows
+    up to that bubble's row."""
     me = await rp.guest()
     c = {**me, "character_name": "星野"}
     await rp.ok("/characters/load", c)

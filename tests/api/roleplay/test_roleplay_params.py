@@ -1,4 +1,4 @@
-"""Coercion of role-play parameters (compat spec §1.3 test vectors), without a server."""
+"""Coercion of role-play parameters (docs/roleplay.md#2-parameters), without a server."""
 
 from __future__ import annotations
 

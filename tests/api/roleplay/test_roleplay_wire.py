@@ -170,7 +170,7 @@ async def test_persona_block_text(rp: RP) -> None:
     await rp.ok("/characters/save", {**me, **CARD})
     await rp.ok("/characters/load", {**me, "character_name": "小雪"})
     debug = await rp.ok("/debug/token", {**me, "character_name": "小雪"})
-    # The worked example of the compat spec §5.1.
+    # The persona block of docs/roleplay.md#12-prompt-text: examples, persona, greeting line.
     assert debug["token_state"] == (
         "哥哥: 你好\n\n小雪: （笑）你好呀，哥哥。\n\n你扮演小雪，是哥哥的邻居。\n\n"
         "小雪: （跑过来）{{user}}，来聊天吧。\n\n"

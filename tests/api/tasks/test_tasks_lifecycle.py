@@ -1,6 +1,6 @@
-"""Task lifecycle (spec D.5): forks are independent copies, continue with and without a prompt, seeds on
-fork and continue, stop, stream positions, several subscribers, eviction of temporary tasks, runs
-longer than the engine's max_tokens."""
+"""Task lifecycle (docs/tasks.md#6-lifecycle): forks are independent copies, continue with and without
+a prompt, seeds on fork and continue, stop, stream positions, several subscribers, eviction of
+temporary tasks, runs longer than the engine's max_tokens."""
 
 from __future__ import annotations
 

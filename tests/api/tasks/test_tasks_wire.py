@@ -1,4 +1,4 @@
-"""Task API wire format (spec D): ids, TaskResponse and status shapes, the SSE framing, strict body
+"""Task API wire format (docs/tasks.md): ids, TaskResponse and status shapes, the SSE framing, strict body
 validation with FastAPI-style 422 details, every error status and body, and API keys."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ChatGLM-style error shape `{"detail": "<field>: <reason>"}` and its statuses (wire-protocols C.7).
+"""The ChatGLM-style error shape `{"detail": "<field>: <reason>"}` and its statuses (docs/glm.md#6-errors).
 
 The reference wrapper has no error handling at all (a bare `500 Internal Server Error` for anything).
 This dialect keeps its 200 shapes and answers failures with FastAPI's own `{"detail": ...}` shape,

@@ -1,4 +1,4 @@
-"""Wire bodies of the ChatGLM-style API (wire-protocols C.1, C.5, C.6), read the reference's lenient way.
+"""Wire bodies of the ChatGLM-style API (docs/glm.md), read the reference's lenient way.
 
 Unknown fields are ignored and a field sent as `null` takes its default, as in the reference (which
 reads the JSON dict with `.get(key, default)`). Types are strict, though: a number sent as a string

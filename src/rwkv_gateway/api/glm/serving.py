@@ -1,22 +1,23 @@
 """ChatGLM-style serving logic: GLM bodies -> engine requests -> GLM responses and SSE bytes.
 
-A chat request becomes RWKV World turns (wire-protocols 0.1, C.4): every inner `history` list is
-split into consecutive (query, answer) pairs, so both `[["q1", "a1"], ["q2", "a2"]]` and the
-flattened `[["q1", "a1", "q2", "a2"]]` give the same prompt; a trailing unpaired element and empty
-texts are skipped. The prompt goes to the engine one turn per segment with the reply's follow-up
-(as the OpenAI dialect does), so a client that resends its history continues from cached states
-and prefills only the new turn.
+A chat request becomes RWKV World turns (docs/glm.md#1-chat-request, docs/chat-prompts.md): every
+inner `history` list is split into consecutive (query, answer) pairs, so both
+`[["q1", "a1"], ["q2", "a2"]]` and the flattened `[["q1", "a1", "q2", "a2"]]` give the same prompt;
+a trailing unpaired element and empty texts are skipped. The prompt goes to the engine one turn per
+segment with the reply's follow-up (as the OpenAI dialect does), so a client that resends its history
+continues from cached states and prefills only the new turn.
 
 `max_length` is HuggingFace's total length: the reply may use `max_length` minus the formatted
 prompt's tokens (capped by the server's max_new_tokens); a `max_length` that leaves no room is a
-400. `prompt_tokens` counts the `prompt` field only (C.2). `completion_tokens` counts the reply's
-text piece by piece as it is streamed, so the last stream event and the non-streaming response
-report the same numbers.
+400. `prompt_tokens` counts the `prompt` field only (docs/glm.md#2-chat-response).
+`completion_tokens` counts the reply's text piece by piece as it is streamed, so the last stream
+event and the non-streaming response report the same numbers.
 
-The stream (C.3) is one `data: {json}\\r\\n\\r\\n` event per new piece of text, the JSON written
-with `", "`/`": "` separators and raw UTF-8, token counts cumulative, keep-alive comments
-`: ping - <UTC date-time>` and no terminator. Requests are admitted before any response exists; a
-failure after the first byte is one `: error - <reason>` comment, then the stream ends.
+The stream (docs/glm.md#3-chat-stream) is one `data: {json}\\r\\n\\r\\n` event per new piece of
+text, the JSON written with `", "`/`": "` separators and raw UTF-8, token counts cumulative,
+keep-alive comments `: ping - <UTC date-time>` and no terminator. Requests are admitted before any
+response exists; a failure after the first byte is one `: error - <reason>` comment, then the stream
+ends.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every response of these paths (envelopes, errors and streams) carries `Access-Control-Allow-Origin`
 for an allowed `Origin` (echoed, with `Vary: Origin`), and OPTIONS is answered as a preflight (204,
-allow headers) without running the token check (compat spec §1.6). Other paths are untouched, so the
-`/v1` CORS setting stays what `cors_origins` says.
+allow headers) without running the token check (docs/roleplay.md#5-cors). Other paths are untouched,
+so the `/v1` CORS setting stays what `cors_origins` says.
 """
 
 from __future__ import annotations

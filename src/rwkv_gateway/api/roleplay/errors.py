@@ -1,9 +1,10 @@
 """The role-play envelope `{"data", "message", "code"}` (HTTP 200) for every outcome of these routes.
 
 Byte layout as the reference's Flask `json.dumps`: keys in the order data, message, code, `", "`
-and `": "` separators, non-ASCII written raw, no trailing newline (compat spec §1.4). Failures the
-reference never had (an oversized body, the model still loading, a full queue, unknown paths or
-methods, unexpected errors) get the envelope too, with a Chinese message in the reference's style.
+and `": "` separators, non-ASCII written raw, no trailing newline (docs/roleplay.md#3-the-envelope).
+Failures the reference never had (an oversized body, the model still loading, a full queue, unknown
+paths or methods, unexpected errors) get the envelope too, with a Chinese message in the reference's
+style.
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)

@@ -1,11 +1,11 @@
-"""Where role-play parameters come from and how they are coerced (compat spec §1.2, §1.3).
+"""Where role-play parameters come from and how they are coerced (docs/roleplay.md#2-parameters).
 
 The reference merges the query string and a form body (urlencoded or multipart) into one lookup: a
 key in both is taken from the query string, a repeated key by its first occurrence. Values are
 coerced as Flask/Python would: text raw (untrimmed), floats by Python `float()` syntax falling back
 to the default when unparsable (and, departing from the reference, when NaN or infinite), `log_index`
 by `int()` syntax (else 0), `use_qa` true for any non-empty string. A JSON object body is accepted
-too, with the typing rules of §1.2.
+too, with the typing rules given there.
 """
 
 from __future__ import annotations

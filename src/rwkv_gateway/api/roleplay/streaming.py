@@ -1,4 +1,5 @@
-"""The reply stream of `/chat/reply` and `/chat/resay` (compat spec §4): the original's framing.
+"""The reply stream of `/chat/reply` and `/chat/resay`: the original's framing
+(docs/roleplay.md#11-the-reply-stream).
 
 Each chunk is `"\\n\\ndata: "` followed by the whole reply so far (not a delta); the last chunk
 carries the stripped final reply; nothing else (no `id:`, no `[DONE]`, no trailing newline). Every

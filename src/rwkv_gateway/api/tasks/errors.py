@@ -1,4 +1,5 @@
-"""The Task API's error shape: FastAPI's `{"detail": ...}` with the reference's statuses (spec D.3).
+"""The Task API's error shape: FastAPI's `{"detail": ...}` with the reference's statuses
+(docs/tasks.md#4-errors).
 
 Body validation failures are FastAPI's own 422 `{"detail": [{"type", "loc", "msg", "input"}]}` (the
 SDK maps 422 to `RWKVValidationError`); bad values found later (token ids outside the vocabulary, a

@@ -1,4 +1,4 @@
-"""The RWKV-Server Task API under /v1/tasks (spec D): thin handlers over `services.tasks`.
+"""The RWKV-Server Task API under /v1/tasks (docs/tasks.md): thin handlers over `services.tasks`.
 
 Create, fim, fork and continue admit the generation on the engine before answering, so "busy" and
 bad values are real statuses; the answer is a TaskResponse at once (the task generates in the

@@ -1,4 +1,5 @@
-"""Wire schemas of the RWKV-Server Task API (spec D.1, D.2): request bodies and the TaskResponse.
+"""Wire schemas of the RWKV-Server Task API: request bodies and the TaskResponse
+(docs/tasks.md#3-request-bodies, docs/tasks.md#2-ids-results-and-status).
 
 The reference validates bodies with `extra="forbid"` and `strict=True`, so do we: unknown fields, a
 string where a number belongs and a bool where an int belongs are 422s in FastAPI's detail shape

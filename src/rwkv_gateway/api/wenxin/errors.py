@@ -74,7 +74,7 @@ class WenxinError(GatewayError):
 
 
 def parameter_error(field: str, reason: str) -> WenxinError:
-    """336003 with the `"<field> is invalid: <reason>"` text the spec recommends."""
+    """336003 with a `"<field> is invalid: <reason>"` text that names the field (docs/wenxin.md#7-errors)."""
     return WenxinError(PARAMETER_ERROR, f"{field} is invalid: {reason}", param=field)
 
 

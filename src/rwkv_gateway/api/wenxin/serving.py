@@ -8,8 +8,8 @@ sentence-sized piece, `sentence_id` from 0, `is_end` on the last; `usage` in eve
 event's completion tokens and a running `total_tokens`, as Baidu's documented stream does; no
 `[DONE]`. A failure after the first byte sends the text still held back, then one more `data:` event
 holding `{"error_code", "error_msg"}` (qianfan raises it as an APIError after the chunks it got), and
-the stream ends there. (wire-protocols.md §A.6 sends that error as a bare JSON line; the issue asks for
-`data:` lines only, and qianfan raises the same APIError for both.)
+the stream ends there. (Baidu documents that error as a bare JSON line; a `data:` line keeps the
+stream to one kind of line, and qianfan raises the same APIError for both: docs/wenxin.md#6-chat-stream.)
 """
 
 from __future__ import annotations
