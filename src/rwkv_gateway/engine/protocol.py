@@ -1,8 +1,9 @@
 """The model backend interface: what the scheduler drives from its model thread.
 
-`Backend` is batch-shaped: the `rwkv` package loop backend implements it today, a batched RWKV-7
-backend later. What the layers above see of the engine (`Engine`, `TokenStream`, `ModelInfo`) lives in
-`domain/engine.py`.
+`Backend` is batch-shaped. Two backends implement it: the batched RWKV-7 backend
+(`backend_batched_v7.py`, a step's rows batched by length) and the `rwkv` package backend
+(`backend_rwkv.py`, any version, one row after another). What the layers above see of the engine
+(`Engine`, `TokenStream`, `ModelInfo`) lives in `domain/engine.py`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The per-sequence token sampler: every dialect's sampling knobs applied to one logits vector.
 
 This module owns the meaning of `SamplingParams` once it reaches the engine: logit bias, banned
-tokens, the RWKV presence/frequency penalties with decay, the multiplicative repetition penalty,
-temperature/greedy, Mirostat v2, top-k, top-p, min-p, and the seeded draw. One `Sampler` serves one
-sequence and keeps that sequence's sampling state (penalty counts, Mirostat `mu`, the random
-generator). It runs on the model thread; logits may live on CPU or CUDA, the draw happens on CPU.
+tokens (and the role-play ban of a just-consumed punctuation token), the RWKV presence/frequency
+penalties with decay, the multiplicative repetition penalty, temperature/greedy (before the filters,
+or after them with `temperature_last`), Mirostat v2 (llama.cpp's or the RWKV role-play variant),
+top-k, top-p, min-p, and the seeded draw. One `Sampler` serves one sequence and keeps that sequence's
+sampling state (penalty counts, Mirostat `mu`, the random generator). A step's rows are sampled on the
+model thread and its sampling helpers (`batch_sampler.py`); logits may live on CPU or CUDA, and
+`sample` draws on the CPU (a GPU step's rows are drawn together on the device by `batch_sampler.py`,
+from the same state).
 """
 
 from __future__ import annotations
@@ -82,17 +86,19 @@ class Adjustments:
 
 
 class Sampler:
-    """Samples the tokens of one sequence. Not thread-safe; use from the model thread only.
+    """Samples the tokens of one sequence. Not thread-safe: one thread at a time (the model thread or
+    one of its sampling helpers).
 
     Decisions the knobs leave open:
 
     * Greedy (temperature <= 0) wins over Mirostat and the filters; Mirostat (when `mirostat_tau`
-      is set) replaces top-k, top-p and min-p.
+      is set) replaces top-k, top-p and min-p (the "rwkv" variant keeps min-p, after its cut).
     * Mirostat v2 follows llama.cpp: `mu` starts at 2*tau; tokens whose surprise -log2(p) exceeds
       `mu` are dropped (the most probable token always stays); the draw is from the renormalised
       rest; the observed surprise is -log2 of the chosen token's probability in that *truncated,
-      renormalised* distribution, and `mu -= eta * (surprise - tau)`. Tokens passed to `accept`
-      from elsewhere (forced tokens) do not move `mu`: no distribution was drawn from.
+      renormalised* distribution (the "rwkv" variant: in the untruncated one), and
+      `mu -= eta * (surprise - tau)`. Tokens passed to `accept` from elsewhere (forced tokens) do
+      not move `mu`: no distribution was drawn from.
     * Filters are sequential as in HF and llama.cpp: top-p's cumulative mass is measured on the
       distribution renormalised after top-k; min-p compares with the largest remaining probability
       (which is scale-free, so its place in the chain does not matter).

@@ -187,7 +187,8 @@ class Scheduler:
     ) -> None:
         """`executor`: the model thread, when the model was loaded on it (`threads.model_thread`)."""
         self.backend = backend
-        #: Snapshot cache shared with services (role-play nodes, tasks); prefix reuse comes later.
+        #: Snapshot cache: the prefix cache's checkpoints, and the states services keep (role-play
+        #: nodes, tasks).
         self.states = states
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from conftest import Served, ServeFactory
 
 TEMPLATE = ChatTemplate()
-PROMPT = "蓝牙耳机坏了我应该去医院看什么科？"  # noqa: RUF001 (the reference README's example)
+PROMPT = "蓝牙耳机坏了我应该去医院看什么科？"  # noqa: RUF001 (the GLM-API README's example)
 
 
 def segments(*turns: tuple[str, str]) -> tuple[str, ...]:
@@ -145,7 +145,7 @@ async def test_history_forms_give_the_same_prompt_and_reply(served: Served, toke
     assert spy.last.prompt_segments == segments(("assistant", "Earlier, we talked."))
     await chat(served, prompt="Hi", history=[], temperature=0, max_length=40)
     assert spy.last.prompt_segments == segments(("user", "Hi"))
-    # The README's client sends "text\n" prompts; they are normalised like any message.
+    # The GLM-API README's client sends "text\n" prompts; they are normalised like any message.
     await chat(served, prompt="Hi\n", history=[["Be brief.\n", "yes"]], temperature=0, max_length=40)
     assert spy.last.prompt_segments == segments(("user", "Be brief."), ("assistant", "yes"), ("user", "Hi"))
 
@@ -255,7 +255,7 @@ async def test_multi_turn_requests_prefill_only_the_new_turn(served: Served, tok
             assert cached == formatted_tokens(tokenizer, whole) - prefilled, (turn, cached)
         assert body["content"]
         pairs.append((question, body["content"]))
-        # Later turns resend the history in the flattened form the README's client uses.
+        # Later turns resend the history in the flattened form the GLM-API README's client uses.
         history = [[text for pair in pairs for text in pair]]
     assert engine.stats()["followup_tokens"] > 0
 

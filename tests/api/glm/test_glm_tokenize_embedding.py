@@ -46,7 +46,7 @@ def unescape(token: str) -> bytes:
 async def test_tokenize_round_trips_through_the_tokenizer(served: Served, tokenizer: Tokenizer) -> None:
     char = split_character(tokenizer)
     prompts = [
-        "如果给你一个机会，你会想逃离你所在的虚拟世界吗？",  # noqa: RUF001 (the reference README's example)
+        "如果给你一个机会，你会想逃离你所在的虚拟世界吗？",  # noqa: RUF001 (the GLM-API README's example)
         "Hello, world!\n\nSecond line\twith a tab.",
         f"emoji {char} and {char}{char}",
         "",

@@ -81,7 +81,7 @@ async def completions(
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, engine: EngineDep, _key: KeyDep) -> dict[str, Any]:
     """Embeddings: the L2-normalised hidden vector the model's final layer keeps for the text's last
-    token (see the README). `dimensions` truncates and renormalises."""
+    token (docs/openai.md#5-embeddings). `dimensions` truncates and renormalises."""
     return await serving.embeddings(engine, body)
 
 
