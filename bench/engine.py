@@ -7,7 +7,11 @@ For each concurrency C it runs C simultaneous requests (short prompt, `--tokens`
 early stop) and reports aggregate decode tok/s (from the first token to the last; and "steady": while
 all C sequences decode, leaving out staggered prefills and finishes), time to first token p50/p95, and
 the ratio to C=1; then
-a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0) for prefill tok/s. For an RWKV-7
+a prefill run (C prompts of `--prefill-tokens` tokens, max_tokens 0, for each C of `--prefill-concurrency`)
+for prefill tok/s. Every request has a prompt of its own, so a cached prefix never stands in for
+prefill. `--state-cache-mb N` gives the engine a snapshot cache of N MiB as the server has (prefix
+checkpoints at each prompt's end); `--report-memory` adds, per level, the CUDA allocator's peak and
+reserved memory and the snapshot cache's bytes and entries. For an RWKV-7
 model served by the batched backend it also measures, in the same run, one sequence through the `rwkv`
 package's backend (before and after the batched levels, since this CPU's speed drifts), and reports
 every level as a multiple of the mean of the two. Prints a table, writes JSON
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -33,6 +38,7 @@ from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
+from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import load_tokenizer
 from stats import percentile, save_result
 
@@ -65,11 +71,13 @@ def steady_rate(results: list[dict[str, Any]]) -> float:
     return tokens / (end - start) if end > start and tokens else float("nan")
 
 
-async def decode_run(engine: Scheduler, concurrency: int, tokens: int) -> dict[str, Any]:
+async def decode_run(engine: Scheduler, concurrency: int, tokens: int, tag: str) -> dict[str, Any]:
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
     reqs = [
-        GenerationRequest(prompt=PROMPT, sampling=params, max_tokens=tokens, stop_on_eos=False)
-        for _ in range(concurrency)
+        GenerationRequest(
+            prompt=f"Story {tag}.{i}\n\n{PROMPT}", sampling=params, max_tokens=tokens, stop_on_eos=False
+        )
+        for i in range(concurrency)
     ]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one_request(engine, r) for r in reqs))
@@ -92,17 +100,58 @@ async def decode_run(engine: Scheduler, concurrency: int, tokens: int) -> dict[s
 
 
 async def prefill_run(engine: Scheduler, concurrency: int, prompt_tokens: int) -> dict[str, Any]:
-    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 8 + 1))
-    ids = ids[:prompt_tokens]
-    reqs = [GenerationRequest(prompt_tokens=list(ids), max_tokens=0) for _ in range(concurrency)]
+    text = "The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 8 + 1)
+    prompts = [engine.tokenizer.encode(f"Document {concurrency}.{i}\n\n{text}") for i in range(concurrency)]
+    reqs = [GenerationRequest(prompt_tokens=ids[:prompt_tokens], max_tokens=0) for ids in prompts]
     t0 = time.perf_counter()
     await asyncio.gather(*(one_request(engine, r) for r in reqs))
     wall = time.perf_counter() - t0
     return {
         "concurrency": concurrency,
-        "prompt_tokens": prompt_tokens,
-        "prefill_tok_s": concurrency * len(ids) / wall,
+        "prompt_tokens": len(reqs[0].prompt_tokens or ()),
+        "prefill_tok_s": sum(len(r.prompt_tokens or ()) for r in reqs) / wall,
     }
+
+
+class MemoryProbe:
+    """Per level: the CUDA caching allocator's peak since the level began and what it holds reserved
+    (the model's weights included), and the snapshot cache's host memory (`--report-memory`)."""
+
+    def __init__(self, enabled: bool, store: StateStore | None) -> None:
+        self.enabled = enabled
+        self.store = store
+        self.cuda = enabled and torch.cuda.is_available()
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        mib = 2**20
+        out: dict[str, Any] = {"host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.cuda:
+            torch.cuda.synchronize()
+            out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib
+            out["cuda_allocated_mib"] = torch.cuda.memory_allocated() / mib
+            out["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / mib
+            out["cuda_reserved_mib"] = torch.cuda.memory_reserved() / mib
+        if self.store is not None:
+            stats = self.store.stats()
+            out["state_cache_mib"] = stats["ram_bytes"] / mib
+            out["state_cache_entries"] = stats["ram_entries"]
+            out["state_cache_evictions"] = stats["evictions"]
+        return out
+
+    async def level(self, run: Any) -> dict[str, Any]:
+        """Await one level's run (a coroutine) and add its `memory` figures."""
+        self.start()
+        row: dict[str, Any] = await run
+        if (memory := self.read()) is not None:
+            row["memory"] = memory
+        return row
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,9 +170,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         backend = load_model(path, args.strategy)
     tokenizer = load_tokenizer(None, backend.info.vocab_size)
     levels = [int(c) for c in args.concurrency.split(",")]
+    prefill_levels = [int(c) for c in (args.prefill_concurrency or args.concurrency).split(",")]
     config = EngineConfig(
-        max_batch_size=max(levels),
-        queue_size=max(levels) * 2,
+        max_batch_size=max(levels + prefill_levels),
+        queue_size=max(levels + prefill_levels) * 2,
         prefill_chunk=args.chunk,
         prefill_budget=args.chunk * 4,
     )
@@ -132,17 +182,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # The reference: one sequence through the rwkv package, on the same machine in the same run.
         package = load_model(path, args.strategy)
     package_runs: list[dict[str, Any]] = []
+    store: StateStore | None = None
+    if args.state_cache_mb:
+        # As the server has it (engine/runtime.py): a host-memory LRU of prefix checkpoints.
+        tmp = tmp or tempfile.TemporaryDirectory()
+        budget = args.state_cache_mb * 2**20
+        store = StateStore(Path(tmp.name) / "states", budget_bytes=budget, model_id=backend.info.model_id)
+    memory = MemoryProbe(args.report_memory, store)
+    after_load = memory.read()
 
     async def measure_package() -> None:
         ref = Scheduler(package, tokenizer, EngineConfig(max_batch_size=1, queue_size=4))
         await ref.start()
         try:
-            await decode_run(ref, 1, 8)
-            package_runs.append(await decode_run(ref, 1, args.tokens))
+            await decode_run(ref, 1, 8, "package-warmup")
+            package_runs.append(await decode_run(ref, 1, args.tokens, "package"))
         finally:
             await ref.aclose()
 
-    engine = Scheduler(backend, tokenizer, config)
+    engine = Scheduler(backend, tokenizer, config, states=store)
     try:
         # The package's figure is taken before and after the batched runs (this CPU's speed drifts
         # from minute to minute); the ratios use the mean of the two.
@@ -150,16 +208,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await measure_package()
         await engine.start()
         try:
-            await decode_run(engine, 1, 8)  # warm-up (TorchScript compiles on first calls)
-            decode = [await decode_run(engine, c, args.tokens) for c in levels]
+            await decode_run(engine, 1, 8, "warmup")  # warm-up (TorchScript compiles on first calls)
+            decode = [await memory.level(decode_run(engine, c, args.tokens, f"d{c}")) for c in levels]
         finally:
             await engine.aclose()
         if package is not None:
             await measure_package()
-        engine = Scheduler(backend, tokenizer, config)
+        engine = Scheduler(backend, tokenizer, config, states=store)
         await engine.start()
         try:
-            prefill = [await prefill_run(engine, c, args.prefill_tokens) for c in levels]
+            prefill = [
+                await memory.level(prefill_run(engine, c, args.prefill_tokens)) for c in prefill_levels
+            ]
         finally:
             await engine.aclose()
     finally:
@@ -186,10 +246,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__,
         },
+        "state_cache_mb": args.state_cache_mb,
+        "state_nbytes": getattr(backend, "state_nbytes", None),
+        "memory_after_load": after_load,
         "package_single": package_single,
         "decode": decode,
         "prefill": prefill,
     }
+
+
+def print_memory(result: dict[str, Any]) -> None:
+    """One line per level: CUDA peak allocated / reserved (MiB), the snapshot cache's MiB and entries."""
+
+    def line(what: str, memory: dict[str, Any] | None) -> str:
+        if memory is None:
+            return f"{what:<16} -"
+        cuda = "no cuda"
+        if "cuda_peak_allocated_mib" in memory:
+            peak, reserved = memory["cuda_peak_allocated_mib"], memory["cuda_reserved_mib"]
+            cuda = f"cuda peak {peak:>7.0f} MiB allocated, {reserved:>7.0f} reserved"
+        cache = (
+            f"; snapshot cache {memory['state_cache_mib']:.0f} MiB in {memory['state_cache_entries']} "
+            f"({memory['state_cache_evictions']} evicted)"
+            if "state_cache_mib" in memory
+            else ""
+        )
+        return f"{what:<16} {cuda}{cache}; host peak RSS {memory['host_peak_rss_mib']:.0f} MiB"
+
+    per_state = result["state_nbytes"]
+    print(f"memory (live state per sequence: {per_state / 2**20:.2f} MiB)" if per_state else "memory")
+    print(line("after load", result["memory_after_load"]))
+    for row in result["decode"]:
+        print(line(f"decode C={row['concurrency']}", row.get("memory")))
+    for row in result["prefill"]:
+        print(line(f"prefill C={row['concurrency']}", row.get("memory")))
 
 
 def plot(result: dict[str, Any], png: Path) -> bool:
@@ -234,9 +324,16 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--prefill-concurrency", help="prompts per prefill run (default: --concurrency)")
     parser.add_argument("--chunk", type=int, default=128, help="prefill chunk per sequence per step")
     parser.add_argument(
         "--no-package-baseline", action="store_true", help="skip the rwkv package single-sequence run"
+    )
+    parser.add_argument(
+        "--state-cache-mb", type=int, default=0, help="snapshot cache budget, as the server's (0: none)"
+    )
+    parser.add_argument(
+        "--report-memory", action="store_true", help="CUDA peak/reserved and snapshot cache use per level"
     )
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args()
@@ -262,6 +359,8 @@ def main() -> None:
     for row in result["prefill"]:
         rate, each = row["prefill_tok_s"], row["prompt_tokens"]
         print(f"prefill C={row['concurrency']:<3} {rate:>10.1f} tok/s ({each} tokens each)")
+    if args.report_memory:
+        print_memory(result)
     out = save_result(result, args.out, "engine")
     print(f"wrote {out}", file=sys.stderr)
     if plot(result, out.with_suffix(".png")):
