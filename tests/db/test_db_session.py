@@ -23,7 +23,13 @@ from rwkv_gateway.db.models import (
     ConversationNode,
     User,
 )
-from rwkv_gateway.db.session import create_db_engine, is_sqlite, make_session_factory, sqlite_path
+from rwkv_gateway.db.session import (
+    SqlStorage,
+    create_db_engine,
+    is_sqlite,
+    make_session_factory,
+    sqlite_path,
+)
 
 
 @pytest.fixture
@@ -147,6 +153,17 @@ async def counts(session: AsyncSession) -> dict[str, int]:
     for model in (User, AuthToken, Character, Conversation, ConversationNode):
         result[model.__tablename__] = await session.scalar(select(func.count()).select_from(model)) or 0
     return result
+
+
+async def test_a_unit_of_work_keeps_only_what_it_commits(sessions: async_sessionmaker[AsyncSession]) -> None:
+    storage = SqlStorage(sessions)
+    async with storage.transaction() as uow:
+        await uow.users.add("kept", None, is_guest=True)
+        await uow.commit()
+    async with storage.transaction() as uow:
+        await uow.users.add("dropped", None, is_guest=True)  # flushed, never committed
+    async with storage.transaction() as uow:
+        assert [user.name for user in await uow.users.list(guests=True)] == ["kept"]
 
 
 async def test_deleting_a_user_cascades(sessions: async_sessionmaker[AsyncSession]) -> None:

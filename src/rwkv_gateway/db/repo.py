@@ -1,7 +1,9 @@
-"""Repositories: the queries of each table behind small classes that take an open `AsyncSession`.
+"""Repositories: the queries of each table behind small classes that take an open `AsyncSession`,
+and `SqlUnitOfWork`, which carries all of them on one session (the domain's unit of work).
 
 Repositories only add, query and `flush`; they never commit or roll back. The service that opened
-the session owns the transaction, so one use case commits all of its writes together or none.
+the unit of work owns the transaction, so one use case commits all of its writes together or none
+(docs/architecture.md#layers).
 """
 
 from __future__ import annotations
@@ -335,3 +337,23 @@ class ConversationRepo:
             .where(Conversation.user_id == user_id, ConversationNode.state_key.is_not(None))
         )
         return [k for k in (await self.session.scalars(query)).all() if k is not None]
+
+
+# ---------------------------------------------------------------------------- unit of work
+
+
+class SqlUnitOfWork:
+    """One session and every repository on it: the unit of work of `domain/storage.py`, which has
+    the repositories each service's unit protocol names (`db/session.py`'s `SqlStorage` opens it)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.users = UserRepo(session)
+        self.characters = CharacterRepo(session)
+        self.conversations = ConversationRepo(session)
+        self.credentials = CredentialRepo(session)
+        self.access_tokens = AccessTokenRepo(session)
+        self.request_log = RequestLogRepo(session)
+
+    async def commit(self) -> None:
+        await self.session.commit()

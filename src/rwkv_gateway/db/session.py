@@ -11,11 +11,16 @@ concurrent writers queue on the busy timeout instead. Plain connections from the
 deferred BEGIN, and WAL readers never block. So a task must not hold one session's transaction
 while it begins another's (it would wait on itself). Other async URLs such as
 `postgresql+asyncpg://` are passed to SQLAlchemy unchanged.
+
+`SqlStorage` is the domain's `Storage` (`domain/storage.py`) on such a session factory: each
+transaction is one session, rolled back unless the service commits it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from rwkv_gateway.db.repo import SqlUnitOfWork
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +126,16 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
     ends; on SQLite they begin IMMEDIATE (see the module docstring)."""
     bind = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) if is_sqlite(engine.url) else engine
     return async_sessionmaker(bind, expire_on_commit=False)
+
+
+class SqlStorage:
+    """The services' storage: one `SqlUnitOfWork` per transaction, on `sessions` (from
+    `make_session_factory`). Closing a unit that was not committed rolls it back."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlUnitOfWork]:
+        async with self.sessions() as session:
+            yield SqlUnitOfWork(session)
