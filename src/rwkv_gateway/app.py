@@ -42,7 +42,8 @@ from rwkv_gateway.errors import GatewayError, NotReady, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
-from rwkv_gateway.services.roleplay import RoleplayService, sweep_guests_forever
+from rwkv_gateway.services.roleplay import RoleplayService
+from rwkv_gateway.services.roleplay_guests import sweep_guests_forever
 from rwkv_gateway.services.task_db import TaskDatabase
 from rwkv_gateway.services.tasks import TaskConfig, TaskService
 from rwkv_gateway.services.users import UserService
@@ -98,7 +99,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_avatar_bytes=settings.roleplay_max_avatar_bytes,
     )
     guest_sweeper = asyncio.create_task(
-        sweep_guests_forever(state.roleplay, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s),
+        sweep_guests_forever(
+            state.roleplay.guests, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s
+        ),
         name="roleplay-guest-sweeper",
     )
     request_logger = RequestLogger(state.sessions)

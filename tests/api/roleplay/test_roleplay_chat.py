@@ -429,7 +429,7 @@ async def test_idle_guests_are_removed(rp: RP) -> None:
             .values(last_seen_at=utcnow() - timedelta(hours=25))
         )
         await session.commit()
-    assert await rp.app.state.roleplay.sweep_guests(rp.settings.roleplay_guest_ttl_s) == 1
+    assert await rp.app.state.roleplay.guests.sweep(rp.settings.roleplay_guest_ttl_s) == 1
     assert (await rp.raw("/characters/list", old)).content == env("用户不存在", 400)
     await rp.ok("/characters/list", fresh)
 

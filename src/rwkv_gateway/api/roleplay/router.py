@@ -124,14 +124,14 @@ async def login_guest(users: UsersDep, params: ParamsDep) -> Response:  # noqa: 
 async def list_characters(users: UsersDep, service: RoleplayDep, params: ParamsDep) -> Response:
     """The user's characters, by file name: `{"list": [{"char_name", "file_name", "avatar"}]}`."""
     account = await _account(users, params)
-    return envelope({"list": await service.list_characters(account)})
+    return envelope({"list": await service.characters.list(account)})
 
 
 @router.post("/characters/get")
 async def get_character(users: UsersDep, service: RoleplayDep, params: ParamsDep) -> Response:
     """One character card as stored."""
     account = await _account(users, params)
-    return envelope(await service.get_character(account, params.text("character_name")))
+    return envelope(await service.characters.get(account, params.text("character_name")))
 
 
 @router.post("/characters/save")
@@ -147,7 +147,7 @@ async def save_character(users: UsersDep, service: RoleplayDep, params: ParamsDe
         use_qa=params.flag("use_qa"),
         avatar=params.text("avatar"),
     )
-    await service.save_character(account, card)
+    await service.characters.save(account, card)
     return envelope(None)
 
 
@@ -155,7 +155,7 @@ async def save_character(users: UsersDep, service: RoleplayDep, params: ParamsDe
 async def delete_character(users: UsersDep, service: RoleplayDep, params: ParamsDep) -> Response:
     """Delete a card and its chat (succeeds for unknown names too)."""
     account = await _account(users, params)
-    await service.delete_character(account, params.text("character_name"))
+    await service.characters.delete(account, params.text("character_name"))
     return envelope(None)
 
 
@@ -252,7 +252,7 @@ async def import_card(request: Request, users: UsersDep, service: RoleplayDep, p
         use_qa=False,
         avatar=card.avatar,
     )
-    await service.save_character(account, fields, extra=dict(card.extra), require_greeting=False)
+    await service.characters.save(account, fields, extra=dict(card.extra), require_greeting=False)
     return envelope({"char_name": fields.bot, "file_name": f"{fields.bot}.json"})
 
 
@@ -276,7 +276,7 @@ async def export_card(users: UsersDep, service: RoleplayDep, params: ParamsDep) 
     from rwkv_gateway.domain import cards
 
     account = await _account(users, params)
-    fields, extra = await service.character_fields(account, params.text("character_name"))
+    fields, extra = await service.characters.fields(account, params.text("character_name"))
     card = cards.CardCharacter(
         name=fields.bot,
         persona=fields.bot_persona,
