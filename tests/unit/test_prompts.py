@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
+from rwkv_gateway.settings import Settings
 
 
 def test_world_template_keeps_every_system_message_and_collapses_blank_lines() -> None:
@@ -28,6 +31,25 @@ def test_labels_and_stops_are_configurable() -> None:
     assert qa.render([ChatMessage("user", "why?")]) == "Question: why?\n\nAnswer:"
     assert qa.stops == ("\n\nQuestion:", "\n\nContext:")
     assert ChatTemplate(stop_on_blank_line=True).stops[-1] == "\n\n"
+
+
+def test_every_chat_dialect_builds_its_template_from_the_chat_settings(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        chat_system_label="Context",
+        chat_user_label="Question",
+        chat_assistant_label="Answer",
+        chat_collapse_blank_lines=False,
+        chat_stop_on_blank_line=True,
+    )
+    assert chat_template(settings) == ChatTemplate(
+        system_label="Context",
+        user_label="Question",
+        assistant_label="Answer",
+        collapse_blank_lines=False,
+        stop_on_blank_line=True,
+    )
+    assert chat_template(Settings(data_dir=tmp_path)) == ChatTemplate()
     assert ChatTemplate().render([ChatMessage("user", "x")], add_generation_prompt=False) == "User: x\n\n"
 
 

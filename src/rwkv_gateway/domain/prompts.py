@@ -3,7 +3,8 @@
 RWKV World / G1 models are trained on turns written as `"{Label}: {content}\\n\\n"`, so a blank line is
 a turn boundary: message content is normalised (CRLF -> LF, trimmed, runs of blank lines collapsed to
 one newline by default) and the prompt ends with `"Assistant:"`. Generation stops at the next
-`"\\n\\nUser:"` / `"\\n\\nSystem:"`. Shared by every chat-shaped dialect (OpenAI, wenxinworkshop, GLM).
+`"\\n\\nUser:"` / `"\\n\\nSystem:"`. Shared by every chat-shaped dialect (OpenAI, wenxinworkshop, GLM),
+which all build their template with `chat_template(settings)` (docs/chat-prompts.md#1-turns).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rwkv_gateway.settings import Settings
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 
@@ -79,6 +84,18 @@ class ChatTemplate:
     def stops(self) -> tuple[str, ...]:
         stops = (f"\n\n{self.user_label}:", f"\n\n{self.system_label}:")
         return (*stops, "\n\n") if self.stop_on_blank_line else stops
+
+
+def chat_template(settings: Settings) -> ChatTemplate:
+    """The one template of every chat dialect, from the `RWKV_GATEWAY_CHAT_*` settings, so that a
+    conversation gives the same prompt, stops and cached states whichever API it arrives through."""
+    return ChatTemplate(
+        system_label=settings.chat_system_label,
+        user_label=settings.chat_user_label,
+        assistant_label=settings.chat_assistant_label,
+        collapse_blank_lines=settings.chat_collapse_blank_lines,
+        stop_on_blank_line=settings.chat_stop_on_blank_line,
+    )
 
 
 class ReplyTrimmer:

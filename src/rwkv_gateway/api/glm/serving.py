@@ -32,7 +32,7 @@ from typing import Any
 
 from rwkv_gateway.api.glm.schemas import GLMChatRequest, GLMEmbeddingRequest, GLMTokenizeRequest
 from rwkv_gateway.domain.engine import Engine, TextCodec, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
 from rwkv_gateway.domain.types import FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, NotReady
 from rwkv_gateway.settings import Settings
@@ -46,17 +46,6 @@ MAX_EMBEDDING_INPUTS = 2048
 
 def model_name(engine: Engine, settings: Settings) -> str:
     return settings.glm_model_name or engine.info.name
-
-
-def chat_template(settings: Settings) -> ChatTemplate:
-    """The chat template every chat-shaped dialect builds from the same settings."""
-    return ChatTemplate(
-        system_label=settings.chat_system_label,
-        user_label=settings.chat_user_label,
-        assistant_label=settings.chat_assistant_label,
-        collapse_blank_lines=settings.chat_collapse_blank_lines,
-        stop_on_blank_line=settings.chat_stop_on_blank_line,
-    )
 
 
 def history_pairs(history: Sequence[Sequence[str]]) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from rwkv_gateway.api.openai.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from rwkv_gateway.domain.prompts import chat_template
 from rwkv_gateway.errors import InvalidParameter
 
 route_class = dialect_route(OpenAIErrors())
@@ -94,7 +95,7 @@ async def vllm_tokenize(body: TokenizeRequest, engine: EngineDep, settings: Sett
     serving.check_model(body.model, engine.info)
     if body.messages is not None:
         # Counted the way chat requests are tokenized: turn by turn.
-        template = serving.chat_template(settings)
+        template = chat_template(settings)
         messages = serving.chat_messages(body.messages)
         pieces = template.segments(messages, add_generation_prompt=body.add_generation_prompt)
         tokens = [t for piece in pieces for t in engine.codec.encode(piece)]

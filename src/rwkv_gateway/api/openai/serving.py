@@ -28,7 +28,7 @@ from rwkv_gateway.api.openai.schemas import (
     SamplingFields,
 )
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound, NotReady
 from rwkv_gateway.settings import Settings
@@ -93,16 +93,6 @@ def check_max_tokens(value: int, settings: Settings, param: str) -> int:
     if value > settings.max_new_tokens:
         raise InvalidParameter(f"{param} must be at most {settings.max_new_tokens}, got {value}", param=param)
     return value
-
-
-def chat_template(settings: Settings) -> ChatTemplate:
-    return ChatTemplate(
-        system_label=settings.chat_system_label,
-        user_label=settings.chat_user_label,
-        assistant_label=settings.chat_assistant_label,
-        collapse_blank_lines=settings.chat_collapse_blank_lines,
-        stop_on_blank_line=settings.chat_stop_on_blank_line,
-    )
 
 
 def chat_messages(messages: Sequence[ChatMessageIn]) -> list[ChatMessage]:

@@ -26,7 +26,7 @@ from typing import Any
 from rwkv_gateway.api.wenxin.errors import error_json
 from rwkv_gateway.api.wenxin.schemas import WenxinChatRequest
 from rwkv_gateway.domain.engine import Engine, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer
+from rwkv_gateway.domain.prompts import ChatMessage, ReplyTrimmer, chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter
 from rwkv_gateway.settings import Settings
@@ -53,16 +53,6 @@ def dumps(obj: Any) -> str:
 
 def response_id() -> str:
     return "as-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
-
-
-def chat_template(settings: Settings) -> ChatTemplate:
-    return ChatTemplate(
-        system_label=settings.chat_system_label,
-        user_label=settings.chat_user_label,
-        assistant_label=settings.chat_assistant_label,
-        collapse_blank_lines=settings.chat_collapse_blank_lines,
-        stop_on_blank_line=settings.chat_stop_on_blank_line,
-    )
 
 
 def chat_messages(req: WenxinChatRequest) -> list[ChatMessage]:
