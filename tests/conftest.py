@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from rwkv_gateway.db.migrate import upgrade
 from rwkv_gateway.db.session import create_db_engine, make_session_factory
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
-from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.demo_model import write_demo_model
 from rwkv_gateway.engine.loader import load_model
@@ -124,7 +124,7 @@ def full_queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullQueue]:
                 release.wait(60)
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", HeldSampler)
+    monkeypatch.setattr(admission_mod, "Sampler", HeldSampler)
 
     @contextlib.asynccontextmanager
     async def hold(engine: Any) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ import pytest
 
 from rwkv_gateway.api.tokenize import readable_token
 from rwkv_gateway.db.repo import RequestLogRepo
-from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.tokenizer import Tokenizer
 
@@ -387,7 +387,7 @@ async def test_failure_after_the_first_token_is_in_band(
                     raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    monkeypatch.setattr(admission_mod, "Sampler", FaultySampler)
     body = chat_body(max_tokens=20, seed=FAULT_SEED)
 
     resp = await served.client.post(CHAT, json={**body, "stream": True})

@@ -36,7 +36,7 @@ import uvicorn
 from qianfan import errors as qf_errors
 
 from rwkv_gateway.app import create_app
-from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.settings import Settings
 
@@ -398,7 +398,7 @@ def test_a_failure_after_the_first_chunk_is_an_api_error_after_the_chunks(
                     raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    monkeypatch.setattr(admission_mod, "Sampler", FaultySampler)
     with in_process_server(v7_path, tmp_path / "data") as srv:
         point_sdk_at(monkeypatch, srv.url, tmp_path / "cache")
         client = oauth_client(srv)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
@@ -118,7 +118,7 @@ async def test_a_failing_sampler_fails_alone(engine: Scheduler, monkeypatch: pyt
                 raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    monkeypatch.setattr(admission_mod, "Sampler", FaultySampler)
     good = [run(engine) for _ in range(3)]
     bad = run(engine, sampling=SamplingParams(temperature=0, seed=666))
     results = await asyncio.gather(bad, *good)

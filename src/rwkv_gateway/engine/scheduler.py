@@ -7,53 +7,34 @@ a bounded prompt chunk for sequences still prefilling (within a per-step token b
 prompt never freezes other streams), one token for sequences decoding — samples, decodes and applies
 stop rules. The event loop never runs torch; it only moves events to each request's stream.
 
-Ownership: `_Sequence` objects are touched by the model thread only while a step runs, and by the
-event loop only between steps; the one exception is the `cancelled` flag, which the loop may set at
-any time and the thread only reads.
+Admission (`EngineConfig`, validation, tokenizing) lives in `admission.py`, the request's stream and
+sequence in `stream.py` (with who may touch a sequence when), the prefix cache in `prefix_cache.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-from array import array
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from rwkv_gateway.domain.engine import ModelInfo
-from rwkv_gateway.domain.types import (
-    Finish,
-    FinishReason,
-    GenerationRequest,
-    RequestRecord,
-    TextDelta,
-    TokenEvent,
-    Usage,
-)
+from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, RequestRecord, TextDelta, Usage
+from rwkv_gateway.engine import prefix_cache
+from rwkv_gateway.engine.admission import EngineConfig, live_slots, prepare
 from rwkv_gateway.engine.batch_sampler import sample_batch
 from rwkv_gateway.engine.protocol import Backend, LiveState, StatesConsumed
-from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.states import StateStore
-from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
+from rwkv_gateway.engine.stream import GenerationSequence, GenerationStream
 from rwkv_gateway.engine.threads import default_torch_threads, helper_pool, model_thread
 from rwkv_gateway.engine.tokenizer import Tokenizer
-from rwkv_gateway.errors import (
-    ConfigError,
-    GatewayError,
-    GenerationFailed,
-    InvalidParameter,
-    NotReady,
-    PromptTooLong,
-    ServerBusy,
-)
+from rwkv_gateway.errors import GatewayError, GenerationFailed, NotReady, ServerBusy
+
+__all__ = ["EngineConfig", "GenerationStream", "Scheduler"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,113 +44,6 @@ _HANDOFF_YIELDS = 8
 
 #: Finishes after which a requested final state is captured (not after errors or cancellation).
 _STATEFUL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    queue_size: int = 256
-    max_batch_size: int = 32
-    prefill_chunk: int = 128
-    prefill_budget: int = 512
-    request_timeout_s: float = 600.0
-    max_prompt_tokens: int = 32768
-    max_new_tokens: int = 4096
-    #: Reuse cached states of token prefixes (needs a state store).
-    prefix_cache: bool = True
-    #: Memory for the live states of running sequences (0: no limit beyond max_batch_size). What does
-    #: not fit waits in the queue, which keeps its bound.
-    live_state_bytes: int = 0
-    #: A closing prompt piece shorter than this gets no prefix-cache checkpoint before it.
-    min_checkpoint_gap: int = 16
-    #: Prompt chunks run before decoding rows for at most this long at a time (0: always together).
-    prefill_priority_s: float = 0.5
-    #: Intra-op threads of the model thread (None: torch's default, one per core).
-    torch_threads: int | None = None
-    #: Threads that sample a step's rows besides the model thread (None: torch_threads - 1).
-    sample_threads: int | None = None
-
-
-class GenerationStream:
-    """The events of one request. Iterate it; call `cancel()` when the client goes away."""
-
-    def __init__(self, request: GenerationRequest, prompt_token_count: int) -> None:
-        self.request = request
-        self.prompt_token_count = prompt_token_count
-        self.cancelled = False
-        self.finish: Finish | None = None
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-    def _put(self, event: TokenEvent) -> None:
-        if isinstance(event, Finish):
-            self.finish = event
-        self._queue.put_nowait(event)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        try:
-            while True:
-                event = await self._queue.get()
-                yield event
-                if isinstance(event, Finish):
-                    return
-        finally:
-            # A consumer that stops early (client gone, generator closed) cancels the request.
-            if self.finish is None:
-                self.cancel()
-
-    async def collect(self) -> tuple[str, Finish]:
-        """The whole text and the finish event (for non-streaming responses)."""
-        parts: list[str] = []
-        async for event in self:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                return "".join(parts), event
-        raise RuntimeError("stream ended without a Finish event")  # pragma: no cover
-
-
-@dataclass(eq=False)
-class _Sequence:
-    stream: GenerationStream
-    pending: list[int]
-    state: LiveState | None
-    sampler: Sampler
-    decoder: IncrementalDecoder
-    stopper: StopMatcher
-    deadline: float
-    admitted_at: float
-    token_count: int
-    #: The whole prompt, and where its segments end (prefix-cache checkpoints).
-    prompt: list[int] = field(default_factory=list)
-    boundaries: tuple[int, ...] = ()
-    #: Take part in the prefix cache (no explicit initial state, cache enabled).
-    cache_on: bool = False
-    #: Prompt tokens in the state so far, and how many of them came from the cache.
-    pos: int = 0
-    cached: int = 0
-    #: The state right after the prompt, kept while a reply follow-up may still be prefilled.
-    prompt_snapshot: StateSnapshot | None = None
-    #: After the reply was sent: the follow-up tokens being prefilled for the next turn's cache.
-    followup: list[int] | None = None
-    text_parts: list[str] = field(default_factory=list)
-    #: Logits to sample from next (from the last forward or the initial snapshot), row kept on device.
-    logits: torch.Tensor | None = None
-    generated: int = 0
-    first_token_at: float | None = None
-    #: A sampled token not yet fed to the model (the next decode step feeds it).
-    last_token: int | None = None
-    #: Sampled tokens whose text has not gone out yet (held by the decoder or the stop matcher).
-    unsent_ids: list[int] = field(default_factory=list)
-    events: list[TokenEvent] = field(default_factory=list)
-    done: bool = False
-    #: Finished, but the final state must still absorb `last_token` before it is captured.
-    finishing: Finish | None = None
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.stream.request
 
 
 class Scheduler:
@@ -194,10 +68,10 @@ class Scheduler:
         self.config = config or EngineConfig()
         self.on_finish = on_finish
         #: Unbounded: `submit_many` enforces the bound itself (groups are admitted whole).
-        self._queue: asyncio.Queue[_Sequence] | None = None
-        self._active: list[_Sequence] = []
+        self._queue: asyncio.Queue[GenerationSequence] | None = None
+        self._active: list[GenerationSequence] = []
         #: Taken from the queue but waiting: for a free slot, or for another sequence's checkpoint.
-        self._deferred: list[_Sequence] = []
+        self._deferred: list[GenerationSequence] = []
         #: The model thread: the one thread that runs multi-threaded torch ops (engine/threads.py).
         self._executor = executor or model_thread(self.config.torch_threads)
         #: Helpers of the model thread for sampling a step's rows on the other CPU cores.
@@ -206,7 +80,7 @@ class Scheduler:
         else:
             self._sample_workers = self.config.sample_threads
         self._sample_pool = helper_pool(self._sample_workers, "rwkv-sample") if self._sample_workers else None
-        self.max_active = self._slots(self.config, backend)
+        self.max_active = live_slots(self.config, backend)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         #: When the current stretch of prompt-only steps began (model thread; see `_hold_decode`).
@@ -229,21 +103,6 @@ class Scheduler:
         #: the sampling; `loop` is the time between steps while sequences were active (the event loop
         #: delivering, handing off to consumers and admitting).
         self.timers: dict[str, float] = {"step": 0.0, "forward": 0.0, "sample": 0.0, "loop": 0.0}
-
-    @staticmethod
-    def _slots(config: EngineConfig, backend: Backend) -> int:
-        """Sequences that may run at once: the batch size, or fewer if their states would not fit."""
-        per_state = int(getattr(backend, "state_nbytes", 0))
-        if config.live_state_bytes <= 0 or per_state <= 0:
-            return config.max_batch_size
-        # A step holds each running state and the new state it computes.
-        fits = config.live_state_bytes // (2 * per_state)
-        if fits < 1:
-            raise ConfigError(
-                f"live state budget of {config.live_state_bytes} bytes holds no sequence "
-                f"(each needs {2 * per_state} bytes)"
-            )
-        return min(config.max_batch_size, fits)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -357,73 +216,9 @@ class Scheduler:
             self.counters["rejected_busy"] += 1
             raise ServerBusy(f"the request queue is full ({waiting} waiting)")
 
-    async def _prepare(self, request: GenerationRequest) -> _Sequence:
+    async def _prepare(self, request: GenerationRequest) -> GenerationSequence:
         """Validate and tokenize one request (raises InvalidParameter before anything is queued)."""
-        cfg = self.config
-        request.sampling.validate(self.backend.info.vocab_size)
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
-            raise InvalidParameter("max_tokens must be an integer >= 0", param="max_tokens")
-        if request.max_tokens > cfg.max_new_tokens:
-            raise InvalidParameter(
-                f"max_tokens must be <= {cfg.max_new_tokens}, got {request.max_tokens}", param="max_tokens"
-            )
-        if request.timeout_s is not None and not request.timeout_s > 0:
-            raise InvalidParameter("timeout must be > 0", param="timeout")
-        boundaries: tuple[int, ...] = ()
-        if request.prompt_segments is not None:
-            pieces = await asyncio.to_thread(
-                lambda: [self.tokenizer.encode(p) for p in request.prompt_segments or ()]
-            )
-            tokens = [t for piece in pieces for t in piece]
-            ends = sorted({sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))} - {0})
-            # No checkpoint just before a short closing piece (the "Assistant:" after the last user
-            # turn): it would cost a prefill step of its own for a prefix no later request starts
-            # from, since the next turn continues from the state after the reply.
-            if len(ends) > 1 and ends[-1] - ends[-2] < cfg.min_checkpoint_gap:
-                del ends[-2]
-            boundaries = tuple(ends)
-        elif request.prompt_tokens is not None:
-            tokens = list(request.prompt_tokens)
-            vocab = self.backend.info.vocab_size
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
-                raise InvalidParameter("prompt token ids must be integers in the vocabulary", param="prompt")
-        elif request.prompt:
-            tokens = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
-        else:
-            tokens = []
-        if len(tokens) > cfg.max_prompt_tokens:
-            raise PromptTooLong(
-                f"the prompt has {len(tokens)} tokens; the limit is {cfg.max_prompt_tokens}", param="prompt"
-            )
-        snap = request.initial_state
-        if snap is not None:
-            if not isinstance(snap, StateSnapshot):
-                raise InvalidParameter("initial_state is not a state snapshot", param="initial_state")
-            snap.check_model(self.backend.info.model_id)
-            if not tokens and snap.logits is None:
-                raise InvalidParameter(
-                    "an empty prompt needs a snapshot that kept its logits", param="prompt"
-                )
-        elif not tokens:
-            raise InvalidParameter("the prompt is empty", param="prompt")
-        now = time.monotonic()
-        return _Sequence(
-            stream=GenerationStream(request, len(tokens)),
-            pending=tokens,
-            state=None,
-            sampler=Sampler(request.sampling, self.backend.info.vocab_size, prompt_tokens=tokens),
-            decoder=IncrementalDecoder(self.tokenizer),
-            stopper=StopMatcher(request.stop),
-            deadline=now + (request.timeout_s or cfg.request_timeout_s),
-            admitted_at=now,
-            token_count=snap.token_count if snap is not None else 0,
-            logits=snap.logits if snap is not None and not tokens else None,
-            prompt=list(tokens),
-            boundaries=boundaries or ((len(tokens),) if tokens else ()),
-            cache_on=bool(
-                cfg.prefix_cache and self.states is not None and request.use_prefix_cache and snap is None
-            ),
-        )
+        return await prepare(request, self.config, self.backend, self.tokenizer, self.states)
 
     # ------------------------------------------------------------------ the step loop (event loop side)
 
@@ -460,7 +255,7 @@ class Scheduler:
                     await asyncio.sleep(0)
 
     async def _run_step(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Sequence], *, first_tokens: bool = False
+        self, loop: asyncio.AbstractEventLoop, batch: list[GenerationSequence], *, first_tokens: bool = False
     ) -> bool:
         """One step of `batch` on the model thread, then its events out to the streams; whether a
         sequence finished."""
@@ -497,68 +292,37 @@ class Scheduler:
             if seq.stream.cancelled:
                 self._finish(seq, FinishReason.CANCELLED)
                 self._deliver(seq)
-            elif len(self._active) >= self.max_active or self._prefilled_by_another(seq):
+            elif len(self._active) >= self.max_active or prefix_cache.prefilled_by_another(seq, self._active):
                 self._deferred.append(seq)
             else:
                 self._active.append(seq)
 
-    def _prefilled_by_another(self, seq: _Sequence) -> bool:
-        """Whether an active sequence is prefilling a checkpoint this one could start from.
-
-        Concurrent identical prefixes (several users of one system prompt, n retries of one chat) are
-        then computed once: this sequence waits until the checkpoint exists, then continues from it.
-        """
-        if not seq.cache_on or seq.state is not None:
-            return False
-        for other in self._active:
-            if not other.cache_on or other.followup is not None or other.generated or not other.pending:
-                continue
-            shared = [b for b in seq.boundaries if b > other.pos and b in other.boundaries]
-            if any(seq.prompt[:b] == other.prompt[:b] for b in reversed(shared)):
-                return True
-        return False
-
-    def _deliver(self, seq: _Sequence) -> None:
+    def _deliver(self, seq: GenerationSequence) -> None:
         events, seq.events = seq.events, []
         for event in events:
             seq.stream._put(event)
             if isinstance(event, Finish):
                 self._record(seq, event)
 
-    def _record(self, seq: _Sequence, finish: Finish) -> None:
+    def _record(self, seq: GenerationSequence, finish: Finish) -> None:
         if self.on_finish is None:
             return
-        req = seq.request
-        now = time.monotonic()
-        ttft = None if seq.first_token_at is None else (seq.first_token_at - seq.admitted_at) * 1000
         try:
-            self.on_finish(
-                RequestRecord(
-                    request_id=req.request_id,
-                    dialect=req.dialect,
-                    user=req.user,
-                    api_key_id=req.api_key_id,
-                    prompt_tokens=finish.usage.prompt_tokens,
-                    completion_tokens=finish.usage.completion_tokens,
-                    ttft_ms=ttft,
-                    total_ms=(now - seq.admitted_at) * 1000,
-                    finish_reason=finish.reason.value,
-                )
-            )
+            self.on_finish(seq.record(finish))
         except Exception:
             logger.exception("request log hook failed")
 
     # ------------------------------------------------------------------ one step (model thread)
 
-    def _step(self, batch: list[_Sequence], first_tokens: bool = False) -> None:
+    def _step(self, batch: list[GenerationSequence], first_tokens: bool = False) -> None:
         """Advance `batch` by one step. `first_tokens`: a step of fresh sequences only (see `_run`),
         which must not end a stretch of prompt-only steps."""
         now = time.monotonic()
         cfg = self.config
         budget = cfg.prefill_budget
-        feed: list[tuple[_Sequence, list[int]]] = []
+        feed: list[tuple[GenerationSequence, list[int]]] = []
         hold_decode = not first_tokens and self._hold_decode(batch, now)
-        followups: list[_Sequence] = []
+        followups: list[GenerationSequence] = []
         for seq in batch:
             if seq.done:
                 continue
@@ -592,7 +356,7 @@ class Scheduler:
             self._forward(feed)
             self.timers["forward"] += time.perf_counter() - t0
             now = time.monotonic()
-        ready: list[_Sequence] = []
+        ready: list[GenerationSequence] = []
         for seq in batch:
             if seq.done:
                 continue
@@ -616,16 +380,18 @@ class Scheduler:
             for seq, result in zip(ready, results, strict=True):
                 self._take_token(seq, result, now)
 
-    def _take_chunk(self, seq: _Sequence, budget: int, feed: list[tuple[_Sequence, list[int]]]) -> int:
+    def _take_chunk(
+        self, seq: GenerationSequence, budget: int, feed: list[tuple[GenerationSequence, list[int]]]
+    ) -> int:
         """Feed `seq` its next prompt chunk within `budget` (the rest waits for a later step)."""
         if budget <= 0:
             return budget
-        take = min(self.config.prefill_chunk, budget, len(seq.pending), self._to_checkpoint(seq))
+        take = min(self.config.prefill_chunk, budget, len(seq.pending), prefix_cache.to_checkpoint(seq))
         chunk, seq.pending = seq.pending[:take], seq.pending[take:]
         feed.append((seq, chunk))
         return budget - take
 
-    def _hold_decode(self, batch: list[_Sequence], now: float) -> bool:
+    def _hold_decode(self, batch: list[GenerationSequence], now: float) -> bool:
         """Whether this step runs prompt chunks only, leaving decoding rows for a later step.
 
         A decode forward costs about as much as a prompt chunk of a few dozen tokens on a CPU, so when
@@ -647,11 +413,15 @@ class Scheduler:
         self._holding_since = None  # decode this step; the next prompt-only stretch starts after it
         return False
 
-    def _initial_state(self, seq: _Sequence) -> LiveState | None:
+    def _initial_state(self, seq: GenerationSequence) -> LiveState | None:
         snap = seq.request.initial_state
         try:
             if snap is None:
-                cached = self._longest_cached_prefix(seq) if seq.cache_on else None
+                cached = (
+                    prefix_cache.longest_cached_prefix(self.states, seq)
+                    if seq.cache_on and self.states is not None
+                    else None
+                )
                 if cached is None:
                     return self.backend.zero_state()
                 n, snap = cached
@@ -674,7 +444,7 @@ class Scheduler:
             self._finish(seq, FinishReason.ERROR, error="could not restore the state")
         return None
 
-    def _forward(self, feed: list[tuple[_Sequence, list[int]]]) -> None:
+    def _forward(self, feed: list[tuple[GenerationSequence, list[int]]]) -> None:
         # Each sequence owns its live state and replaces it with the new one below, so the backend may
         # write the new states over the old ones.
         try:
@@ -716,7 +486,7 @@ class Scheduler:
                     if seq.pos == len(seq.prompt) and seq.request.reply_followup is not None:
                         seq.prompt_snapshot = snap
 
-    def _take_token(self, seq: _Sequence, token: int | Exception, now: float) -> None:
+    def _take_token(self, seq: GenerationSequence, token: int | Exception, now: float) -> None:
         """A sampled token (or the row's sampling failure): stop rules, text, length."""
         req = seq.request
         if isinstance(token, Exception):
@@ -749,7 +519,7 @@ class Scheduler:
 
     def _finish(
         self,
-        seq: _Sequence,
+        seq: GenerationSequence,
         reason: FinishReason,
         *,
         error: str | None = None,
@@ -787,7 +557,7 @@ class Scheduler:
             return
         self._complete(seq, finish)
 
-    def _complete(self, seq: _Sequence, finish: Finish) -> None:
+    def _complete(self, seq: GenerationSequence, finish: Finish) -> None:
         if seq.request.return_embedding and seq.state is not None and finish.reason in _STATEFUL_ENDS:
             try:
                 vector = tuple(self.backend.embedding(seq.state))
@@ -809,68 +579,18 @@ class Scheduler:
                 self.counters["errors"] += 1
                 finish = Finish(FinishReason.ERROR, finish.usage, None, "could not capture the final state")
         seq.events.append(finish)
-        if finish.reason in _STATEFUL_ENDS and self._start_followup(seq):
+        if finish.reason in _STATEFUL_ENDS and prefix_cache.start_followup(seq, self.tokenizer, self.backend):
             return
         self._retire(seq)
 
-    def _retire(self, seq: _Sequence) -> None:
+    def _retire(self, seq: GenerationSequence) -> None:
         seq.done = True
         seq.state = None
         seq.logits = None
         seq.prompt_snapshot = None
 
-    # ------------------------------------------------------------------ prefix cache (model thread)
+    # ------------------------------------------------------------------ prefix cache (engine/prefix_cache.py)
 
-    @staticmethod
-    def _prefix_key(tokens: Sequence[int]) -> str:
-        return "prefix:" + hashlib.sha256(array("i", tokens).tobytes()).hexdigest()
-
-    def _to_checkpoint(self, seq: _Sequence) -> int:
-        """Prompt tokens until the next checkpoint, so prefill chunks end exactly on them."""
-        if not seq.cache_on or seq.followup is not None:
-            return len(seq.pending)
-        for end in seq.boundaries:
-            if end > seq.pos:
-                return end - seq.pos
-        return len(seq.pending)
-
-    def _longest_cached_prefix(self, seq: _Sequence) -> tuple[int, StateSnapshot] | None:
+    def _checkpoint(self, seq: GenerationSequence, tokens: list[int]) -> StateSnapshot | None:
         assert self.states is not None
-        for end in reversed(seq.boundaries):
-            snap = self.states.get(self._prefix_key(seq.prompt[:end]))
-            if isinstance(snap, StateSnapshot) and snap.logits is not None and snap.token_count == end:
-                return end, snap
-        return None
-
-    def _checkpoint(self, seq: _Sequence, tokens: list[int]) -> StateSnapshot | None:
-        """Cache the current state (with its logits) as the state of `tokens`."""
-        assert self.states is not None and seq.state is not None
-        key = self._prefix_key(tokens)
-        try:
-            existing = self.states.get(key)
-            if isinstance(existing, StateSnapshot):
-                return existing
-            snap = self.backend.capture(seq.state, len(tokens), seq.logits)
-            self.states.put(key, snap)
-            self.counters["checkpoints"] += 1
-            return snap
-        except Exception:  # the cache is an optimisation: never fail a request over it
-            logger.exception("prefix checkpoint failed")
-            return None
-
-    def _start_followup(self, seq: _Sequence) -> bool:
-        """After a reply: prefill it the way the next turn will send it back (see `reply_followup`)."""
-        followup = seq.request.reply_followup
-        if not seq.cache_on or followup is None or seq.prompt_snapshot is None:
-            return False
-        try:
-            tokens = self.tokenizer.encode(followup("".join(seq.text_parts)))
-            if not tokens:
-                return False
-            seq.state = self.backend.restore(seq.prompt_snapshot)
-        except Exception:
-            logger.exception("reply follow-up of request %s failed", seq.request.request_id)
-            return False
-        seq.followup, seq.pending = tokens, list(tokens)
-        seq.last_token, seq.logits, seq.finishing = None, None, None
-        return True
+        return prefix_cache.checkpoint(self.states, self.backend, seq, tokens, self.counters)

@@ -102,7 +102,7 @@ async def test_keep_alive_pings_are_comments_in_the_reference_format(
     import threading
 
     from rwkv_gateway.api.glm import serving
-    from rwkv_gateway.engine import scheduler as scheduler_mod
+    from rwkv_gateway.engine import admission as admission_mod
     from rwkv_gateway.engine.sampler import Sampler
 
     pinged = threading.Event()
@@ -118,7 +118,7 @@ async def test_keep_alive_pings_are_comments_in_the_reference_format(
             return super().sample(logits)
 
     monkeypatch.setattr(serving, "ping_text", ping_text)
-    monkeypatch.setattr(scheduler_mod, "Sampler", WaitForPing)
+    monkeypatch.setattr(admission_mod, "Sampler", WaitForPing)
     served = await serve(glm_ping_s=0.01)
     streamed = await stream_chat(served.client, {"prompt": "Hi", "temperature": 0, "max_length": 20})
     assert streamed.comments, "no keep-alive ping"

@@ -22,8 +22,8 @@ from rwkv_gateway.api.glm.errors import GLMErrors
 from rwkv_gateway.api.glm.schemas import GLMChatRequest
 from rwkv_gateway.app import create_app
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine import runtime
-from rwkv_gateway.engine import scheduler as scheduler_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.errors import ModelLoadError
 from rwkv_gateway.settings import Settings
@@ -215,7 +215,7 @@ async def test_engine_failure_is_500_json_before_the_stream_and_a_comment_after(
                     raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    monkeypatch.setattr(admission_mod, "Sampler", FaultySampler)
     real_request = serving.GLMChat.engine_request
 
     async def seeded(self: serving.GLMChat) -> tuple[GenerationRequest, int]:

@@ -17,9 +17,10 @@ from wenxin_support import CHAT, TOKEN, Wenxin, make_wenxin
 from rwkv_gateway.api.wenxin import signature
 from rwkv_gateway.api.wenxin.serving import _SENTENCE_END, MAX_PIECE_CHARS
 from rwkv_gateway.db.repo import RequestLogRepo
+from rwkv_gateway.db.session import SqlStorage
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams
-from rwkv_gateway.engine import scheduler as scheduler_mod
+from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.services.credentials import CredentialService
@@ -201,7 +202,7 @@ async def test_missing_unknown_expired_and_revoked_tokens(wx: Wenxin) -> None:
     app = wx.served.app
     real: CredentialService = app.state.credentials
     later = datetime.now(UTC) + timedelta(seconds=2_592_001)
-    app.state.credentials = CredentialService(app.state.sessions, clock=lambda: later)
+    app.state.credentials = CredentialService(SqlStorage(app.state.sessions), clock=lambda: later)
     try:
         assert_error(await wx.chat(greedy()), 111, contains="Access token expired")
     finally:
@@ -638,7 +639,7 @@ async def test_failure_after_the_first_byte_is_an_in_band_error_event(
                     raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
-    monkeypatch.setattr(scheduler_mod, "Sampler", FaultySampler)
+    monkeypatch.setattr(admission_mod, "Sampler", FaultySampler)
     body = greedy(max_output_tokens=100, penalty_score=FAULT_PENALTY)
     resp = await wx.chat({**body, "stream": True})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
