@@ -34,7 +34,7 @@ from rwkv_gateway.api.roleplay import router as roleplay_router
 from rwkv_gateway.api.tasks import router as tasks_router
 from rwkv_gateway.api.wenxin import router as wenxin_router
 from rwkv_gateway.db.migrate import upgrade
-from rwkv_gateway.db.session import create_db_engine, make_session_factory
+from rwkv_gateway.db.session import SqlStorage, create_db_engine, make_session_factory
 from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
@@ -89,7 +89,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db_engine = create_db_engine(settings.database_url)
     state.db_engine = db_engine
     state.sessions = make_session_factory(db_engine)
-    state.credentials = CredentialService(state.sessions)
+    storage = SqlStorage(state.sessions)
+    state.credentials = CredentialService(storage)
     # Role-play: accounts, conversations, and the idle-guest sweeper.
     state.roleplay_users = UserService(state.sessions, defaults_dir=settings.roleplay_default_characters)
     state.roleplay = RoleplayService(
@@ -104,7 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         name="roleplay-guest-sweeper",
     )
-    request_logger = RequestLogger(state.sessions)
+    request_logger = RequestLogger(storage)
     await request_logger.start()
     state.request_logger = request_logger
     # Task API: the task registry (its runs need the engine, which each call passes in).

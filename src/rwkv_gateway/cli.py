@@ -328,9 +328,10 @@ def _with_credentials(
     data_dir: Path | None, db_url: str | None, call: Callable[[CredentialService], Awaitable[T]]
 ) -> T:
     """What `call` does with a CredentialService on the up-to-date database."""
+    from rwkv_gateway.db.session import SqlStorage
     from rwkv_gateway.services.credentials import CredentialService
 
-    return _with_sessions(data_dir, db_url, lambda sessions, _: call(CredentialService(sessions)))
+    return _with_sessions(data_dir, db_url, lambda sessions, _: call(CredentialService(SqlStorage(sessions))))
 
 
 @keys_app.command("create")

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from rwkv_gateway.db.models import RequestLogEntry
 from rwkv_gateway.db.repo import RequestLogRepo
+from rwkv_gateway.db.session import SqlStorage
 from rwkv_gateway.domain.types import RequestRecord
 from rwkv_gateway.services.requestlog import RequestLogger
 
@@ -49,7 +50,7 @@ async def count_rows(sessions: async_sessionmaker[AsyncSession]) -> int:
 
 
 async def test_recorded_requests_appear_after_flush(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions)
+    log = RequestLogger(SqlStorage(sessions))
     await log.start()
     created = time.time() - 60
     log.record(rec(1, user="sbin", api_key_id="7", ttft_ms=None, created_at=created, dialect="wenxin"))
@@ -69,7 +70,7 @@ async def test_recorded_requests_appear_after_flush(sessions: async_sessionmaker
 
 
 async def test_aclose_writes_what_is_pending_and_stops(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions, max_delay_s=60)
+    log = RequestLogger(SqlStorage(sessions), max_delay_s=60)
     await log.start()
     for i in range(5):
         log.record(rec(i))
@@ -82,7 +83,7 @@ async def test_aclose_writes_what_is_pending_and_stops(sessions: async_sessionma
 
 
 async def test_records_made_before_start_are_written(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions)
+    log = RequestLogger(SqlStorage(sessions))
     log.record(rec(1))
     await log.start()
     await log.flush()
@@ -91,7 +92,7 @@ async def test_records_made_before_start_are_written(sessions: async_sessionmake
 
 
 async def test_flush_without_a_writer_writes_inline(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions, batch_size=4)
+    log = RequestLogger(SqlStorage(sessions), batch_size=4)
     for i in range(10):
         log.record(rec(i))
     await log.flush()
@@ -102,7 +103,7 @@ async def test_flush_without_a_writer_writes_inline(sessions: async_sessionmaker
 async def test_full_batches_are_written_in_one_transaction_each(
     sessions: async_sessionmaker[AsyncSession], commits: list[int]
 ) -> None:
-    log = RequestLogger(sessions, batch_size=10, max_delay_s=60)
+    log = RequestLogger(SqlStorage(sessions), batch_size=10, max_delay_s=60)
     for i in range(25):
         log.record(rec(i))
     await log.start()
@@ -121,7 +122,7 @@ async def test_full_batches_are_written_in_one_transaction_each(
 async def test_a_partial_batch_goes_out_after_the_delay(
     sessions: async_sessionmaker[AsyncSession], commits: list[int]
 ) -> None:
-    log = RequestLogger(sessions, batch_size=100, max_delay_s=0.05)
+    log = RequestLogger(SqlStorage(sessions), batch_size=100, max_delay_s=0.05)
     await log.start()
     for i in range(3):
         log.record(rec(i))
@@ -137,7 +138,7 @@ async def test_a_partial_batch_goes_out_after_the_delay(
 async def test_a_burst_of_500_all_land(
     sessions: async_sessionmaker[AsyncSession], commits: list[int]
 ) -> None:
-    log = RequestLogger(sessions)
+    log = RequestLogger(SqlStorage(sessions))
     await log.start()
     for i in range(500):
         log.record(rec(i, dialect="glm" if i % 2 else "openai"))
@@ -157,7 +158,7 @@ async def test_a_burst_of_500_all_land(
 
 
 async def test_records_from_other_threads_land(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions)
+    log = RequestLogger(SqlStorage(sessions))
     await log.start()
 
     def from_thread() -> None:
@@ -174,7 +175,7 @@ async def test_overflow_drops_with_a_warning(
     sessions: async_sessionmaker[AsyncSession], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rwkv_gateway.services.requestlog")
-    log = RequestLogger(sessions, max_pending=5)
+    log = RequestLogger(SqlStorage(sessions), max_pending=5)
     for i in range(8):
         log.record(rec(i))
     assert log.dropped == 3
@@ -207,7 +208,7 @@ async def test_a_failed_write_is_retried_once(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rwkv_gateway.services.requestlog")
     flaky = FlakySessions(sessions, failures=1)
-    log = RequestLogger(flaky, retry_delay_s=0)  # type: ignore[arg-type]
+    log = RequestLogger(SqlStorage(flaky), retry_delay_s=0)  # type: ignore[arg-type]
     await log.start()
     log.record(rec(1))
     await log.flush()
@@ -221,7 +222,7 @@ async def test_a_batch_failing_twice_is_reported_and_the_writer_goes_on(
     sessions: async_sessionmaker[AsyncSession], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rwkv_gateway.services.requestlog")
-    log = RequestLogger(FlakySessions(sessions, failures=2), retry_delay_s=0)  # type: ignore[arg-type]
+    log = RequestLogger(SqlStorage(FlakySessions(sessions, failures=2)), retry_delay_s=0)  # type: ignore[arg-type]
     await log.start()
     log.record(rec(1))
     log.record(rec(2))
@@ -247,7 +248,7 @@ async def test_repo_add_only_flushes(sessions: async_sessionmaker[AsyncSession])
 
 
 async def test_start_twice_is_refused(sessions: async_sessionmaker[AsyncSession]) -> None:
-    log = RequestLogger(sessions)
+    log = RequestLogger(SqlStorage(sessions))
     await log.start()
     with pytest.raises(RuntimeError, match="already started"):
         await log.start()
@@ -271,7 +272,7 @@ async def test_an_interrupted_close_reports_what_was_not_written(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rwkv_gateway.services.requestlog")
-    log = RequestLogger(HangingSession, batch_size=2)  # type: ignore[arg-type]
+    log = RequestLogger(SqlStorage(HangingSession), batch_size=2)  # type: ignore[arg-type]
     await log.start()
     for i in range(5):
         log.record(rec(i))

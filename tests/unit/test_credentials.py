@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from rwkv_gateway.db.models import AccessToken, ApiCredential
+from rwkv_gateway.db.session import SqlStorage
 from rwkv_gateway.errors import InvalidParameter, NotFound
 from rwkv_gateway.services.credentials import CredentialService
 
@@ -40,7 +41,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def service(sessions: async_sessionmaker[AsyncSession], clock: Clock) -> CredentialService:
-    return CredentialService(sessions, clock=clock)
+    return CredentialService(SqlStorage(sessions), clock=clock)
 
 
 async def rows(sessions: async_sessionmaker[AsyncSession]) -> list[ApiCredential]:

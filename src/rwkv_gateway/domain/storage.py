@@ -13,7 +13,13 @@ carries every repository, so it satisfies all of them, and `app.py` hands it to 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime (the only kind the storage layer accepts)."""
+    return datetime.now(UTC)
 
 
 class UnitOfWork(Protocol):

@@ -7,7 +7,8 @@ holds a usable key yet `keys list` can still say which key is which. A Baidu AK 
 an identifier, sent in clear in every signed request) and its SK retrievably, because `bce-auth-v1`
 signatures are HMACs keyed by the SK itself. Access tokens (`24.…`) and refresh tokens (`25.…`) for
 Baidu's `/oauth/2.0/token` share the `access_tokens` table as digests; their prefix keeps one from
-passing for the other. Every method runs in its own short transaction.
+passing for the other. Every method runs in its own short transaction, a unit of work of the
+`Storage` it is given (`domain/credential_store.py`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, get_args
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.models import AccessToken, ApiCredential
-from rwkv_gateway.db.repo import AccessTokenRepo, CredentialRepo
+from rwkv_gateway.domain.credential_store import (
+    AccessTokenRepository,
+    AccessTokenRow,
+    CredentialRepository,
+    CredentialRow,
+    CredentialUnit,
+)
+from rwkv_gateway.domain.storage import Storage, utcnow
 from rwkv_gateway.errors import InvalidParameter, NotFound
 
 CredentialKind = Literal["openai", "baidu"]
@@ -132,7 +136,7 @@ def _check_kind(kind: str) -> CredentialKind:
     return kind  # type: ignore[return-value]  # checked against the Literal's values just above
 
 
-def _info(row: ApiCredential) -> CredentialInfo:
+def _info(row: CredentialRow) -> CredentialInfo:
     kind = _check_kind(row.kind)
     display = row.api_key.partition(_DIGEST_SEP)[0] if kind == "openai" else row.api_key
     return CredentialInfo(
@@ -159,11 +163,11 @@ class CredentialService:
 
     def __init__(
         self,
-        session_factory: async_sessionmaker[AsyncSession],
+        storage: Storage[CredentialUnit],
         *,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._session_factory = session_factory
+        self._storage = storage
         self._clock = clock
 
     async def create(self, kind: CredentialKind, name: str | None = None) -> CreatedCredential:
@@ -176,10 +180,11 @@ class CredentialService:
         else:
             api_key = stored_key = _random(_AK_ALPHABET, 24)
             secret_key = _random(_SK_ALPHABET, 32)
-        async with self._session_factory() as session, session.begin():
-            row = await CredentialRepo(session).add(
+        async with self._storage.transaction() as uow:
+            row = await uow.credentials.add(
                 kind, stored_key, secret_key, name or "", created_at=self._clock()
             )
+            await uow.commit()
         return CreatedCredential(
             id=row.id,
             kind=kind,
@@ -194,8 +199,8 @@ class CredentialService:
         if not presented.startswith(OPENAI_KEY_PREFIX):
             return None
         stored = _stored_openai_key(presented)
-        async with self._session_factory() as session, session.begin():
-            row = await CredentialRepo(session).get_by_key("openai", stored, active_only=True)
+        async with self._storage.transaction() as uow:
+            row = await uow.credentials.get_by_key("openai", stored, active_only=True)
         # The lookup compared digests, which leak nothing about the key through timing; this second,
         # constant-time comparison guards against a backend collation that matches loosely.
         if row is None or not _same(row.api_key, stored):
@@ -205,19 +210,19 @@ class CredentialService:
     async def any_active(self, kind: str) -> bool:
         """Whether any unrevoked credential of `kind` exists (one COUNT query; callers may cache it)."""
         kind = _check_kind(kind)
-        async with self._session_factory() as session, session.begin():
-            return await CredentialRepo(session).count_active(kind) > 0
+        async with self._storage.transaction() as uow:
+            return await uow.credentials.count_active(kind) > 0
 
     async def baidu_secret(self, access_key: str) -> str | None:
         """The Secret Key of the active Baidu credential with this AK, for recomputing signatures."""
-        async with self._session_factory() as session, session.begin():
-            row = await CredentialRepo(session).get_by_key("baidu", access_key, active_only=True)
+        async with self._storage.transaction() as uow:
+            row = await uow.credentials.get_by_key("baidu", access_key, active_only=True)
         return None if row is None else row.secret
 
     async def check_baidu_client(self, client_id: str, client_secret: str) -> BaiduClientCheck:
         """Check an OAuth `client_id`/`client_secret` pair, telling an unknown AK from a wrong SK."""
-        async with self._session_factory() as session, session.begin():
-            row = await CredentialRepo(session).get_by_key("baidu", client_id, active_only=True)
+        async with self._storage.transaction() as uow:
+            row = await uow.credentials.get_by_key("baidu", client_id, active_only=True)
         if row is None or row.secret is None:
             return BaiduClientCheck("unknown_client")
         if not _same(row.secret, client_secret):
@@ -234,8 +239,8 @@ class CredentialService:
         """Credentials in creation order, without secrets or full keys."""
         if kind is not None:
             kind = _check_kind(kind)
-        async with self._session_factory() as session, session.begin():
-            rows = await CredentialRepo(session).list(kind, include_revoked=include_revoked)
+        async with self._storage.transaction() as uow:
+            rows = await uow.credentials.list(kind, include_revoked=include_revoked)
         return [_info(row) for row in rows]
 
     async def revoke(self, identifier: str) -> bool:
@@ -247,14 +252,16 @@ class CredentialService:
         identifier = identifier.strip()
         if not identifier:
             return False
-        async with self._session_factory() as session, session.begin():
-            repo = CredentialRepo(session)
+        async with self._storage.transaction() as uow:
+            repo = uow.credentials
             row = await self._find_active(repo, identifier)
             if row is None:
                 return False
-            return await repo.revoke(row.id, self._clock())
+            revoked = await repo.revoke(row.id, self._clock())
+            await uow.commit()
+            return revoked
 
-    async def _find_active(self, repo: CredentialRepo, identifier: str) -> ApiCredential | None:
+    async def _find_active(self, repo: CredentialRepository, identifier: str) -> CredentialRow | None:
         if identifier.isdecimal():
             row = await repo.get(int(identifier))
             if row is not None and row.revoked_at is None:
@@ -273,11 +280,13 @@ class CredentialService:
         """Issue an access token (and a refresh token) for an active credential; both stored as digests."""
         if ttl_s < 1:
             raise InvalidParameter(f"ttl_s must be >= 1, got {ttl_s}", param="ttl_s")
-        async with self._session_factory() as session, session.begin():
-            row = await CredentialRepo(session).get(credential_id)
+        async with self._storage.transaction() as uow:
+            row = await uow.credentials.get(credential_id)
             if row is None or row.revoked_at is not None:
                 raise NotFound(f"no active credential with id {credential_id}")
-            return await self._issue(AccessTokenRepo(session), credential_id, ttl_s)
+            issued = await self._issue(uow.access_tokens, credential_id, ttl_s)
+            await uow.commit()
+            return issued
 
     async def refresh_access_token(
         self, refresh_token: str, ttl_s: int = ACCESS_TOKEN_TTL_S
@@ -285,32 +294,34 @@ class CredentialService:
         """Trade a live refresh token for a new pair, using the old one up; None if it is not live."""
         if not refresh_token.startswith(_REFRESH_PREFIX):
             return None
-        async with self._session_factory() as session, session.begin():
-            tokens = AccessTokenRepo(session)
+        async with self._storage.transaction() as uow:
+            tokens = uow.access_tokens
             found = await tokens.get_with_credential(_digest(refresh_token))
             if found is None or self._status(*found) != "ok":
                 return None
             await tokens.revoke(found[0].id, self._clock())
-            return await self._issue(tokens, found[1].id, ttl_s)
+            issued = await self._issue(tokens, found[1].id, ttl_s)
+            await uow.commit()
+            return issued
 
     async def check_access_token(self, token: str) -> TokenCheck:
         """Whether `token` is a live access token; "revoked" also when its credential was revoked."""
         if not token.startswith(_ACCESS_PREFIX):
             return TokenCheck("invalid")
-        async with self._session_factory() as session, session.begin():
-            found = await AccessTokenRepo(session).get_with_credential(_digest(token))
+        async with self._storage.transaction() as uow:
+            found = await uow.access_tokens.get_with_credential(_digest(token))
         if found is None:
             return TokenCheck("invalid")
         return TokenCheck(self._status(*found), _info(found[1]))
 
-    def _status(self, token: AccessToken, credential: ApiCredential) -> TokenStatus:
+    def _status(self, token: AccessTokenRow, credential: CredentialRow) -> TokenStatus:
         if token.revoked_at is not None or credential.revoked_at is not None:
             return "revoked"
         if token.expires_at <= self._clock():
             return "expired"
         return "ok"
 
-    async def _issue(self, tokens: AccessTokenRepo, credential_id: int, ttl_s: int) -> IssuedToken:
+    async def _issue(self, tokens: AccessTokenRepository, credential_id: int, ttl_s: int) -> IssuedToken:
         now = self._clock()
         expires_at = now + timedelta(seconds=ttl_s)
         refresh_expires_at = now + timedelta(seconds=REFRESH_TOKEN_TTL_S)

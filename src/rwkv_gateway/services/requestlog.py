@@ -2,9 +2,10 @@
 
 `RequestLogger.record()` never blocks and never touches the database; a background task collects
 records until it has a full batch or 200 ms have passed since the batch's first record, then writes
-them in one short transaction. The queue is bounded so a stalled database cannot grow memory without limit; a
-record that does not fit is dropped with a warning and counted, and a batch that fails twice is
-logged with its size, so nothing is lost silently. Write errors never stop the task.
+them in one short transaction (a unit of work of its `Storage`). The queue is bounded so a stalled
+database cannot grow memory without limit; a record that does not fit is dropped with a warning and
+counted, and a batch that fails twice is logged with its size, so nothing is lost silently. Write
+errors never stop the task.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from rwkv_gateway.db.repo import RequestLogRepo
+from rwkv_gateway.domain.request_log_store import RequestLogUnit
+from rwkv_gateway.domain.storage import Storage
 from rwkv_gateway.domain.types import RequestRecord
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class RequestLogger:
 
     def __init__(
         self,
-        session_factory: async_sessionmaker[AsyncSession],
+        storage: Storage[RequestLogUnit],
         *,
         max_pending: int = 10_000,
         batch_size: int = 256,
@@ -44,7 +44,7 @@ class RequestLogger:
     ) -> None:
         if max_pending < 1 or batch_size < 1:
             raise ValueError("max_pending and batch_size must be >= 1")
-        self._session_factory = session_factory
+        self._storage = storage
         self._batch_size = batch_size
         self._max_delay_s = max_delay_s
         self._retry_delay_s = retry_delay_s
@@ -197,8 +197,9 @@ class RequestLogger:
     async def _write(self, batch: Sequence[RequestRecord]) -> None:
         for attempt in (1, 2):
             try:
-                async with self._session_factory() as session, session.begin():
-                    await RequestLogRepo(session).add_many(batch)
+                async with self._storage.transaction() as uow:
+                    await uow.request_log.add_many(batch)
+                    await uow.commit()
             except Exception as exc:
                 if attempt == 1:
                     logger.warning(
