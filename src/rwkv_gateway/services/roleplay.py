@@ -50,6 +50,8 @@ from rwkv_gateway.services.roleplay_types import (
     MSG_NOT_LOADED,
     MSG_NOT_STARTED,
     Account,
+    NewReply,
+    NewTurn,
     ReplyJob,
     RoleplayFailure,
     Row,
@@ -246,48 +248,8 @@ class RoleplayService:
             pre = await self._states.feed(engine, current, turn_text, account)
             request = self._reply_request(engine, pre, turn_text, sampling, account)
             stream = await engine.submit(request)
-        last_id, last_position = chat.last.id, chat.last.position
-        conversation_id = chat.conversation.id
-
-        async def commit(raw: str, final: str, finish: Finish) -> None:
-            assert finish.state is not None
-            pre_key, post_key = new_node_key(), new_node_key()
-            await self._states.put(engine, pre_key, pre)
-            await self._states.put(engine, post_key, finish.state)
-            async with self._sessions() as session:
-                conversation = await session.get(Conversation, conversation_id)
-                if conversation is None or conversation.current_node_id != last_id:
-                    raise GenerationFailed("the chat changed while the reply was generated")
-                conversations = ConversationRepo(session)
-                user_node = await conversations.add_node(
-                    ConversationNode(
-                        conversation_id=conversation_id,
-                        parent_id=last_id,
-                        position=last_position + 1,
-                        role="user",
-                        text=prompt,
-                        context_text=turn_text,
-                        state_key=pre_key,
-                        token_count=pre.token_count,
-                    )
-                )
-                bot_node = await conversations.add_node(
-                    ConversationNode(
-                        conversation_id=conversation_id,
-                        parent_id=user_node.id,
-                        position=last_position + 2,
-                        role="bot",
-                        text=final,
-                        context_text=_fed_reply(raw, finish),
-                        state_key=post_key,
-                        token_count=finish.state.token_count,
-                    )
-                )
-                conversation.current_node_id = bot_node.id
-                conversation.updated_at = utcnow()
-                await session.commit()
-
-        return ReplyJob(stream, commit, guard.release_reply)
+        turn = NewTurn(chat.conversation.id, chat.last.id, chat.last.position, prompt, turn_text, pre)
+        return ReplyJob(engine, stream, turn, guard.release_reply)
 
     def _reply_request(
         self, engine: Engine, pre: Snapshot, turn_text: str, sampling: SamplingParams, account: Account
@@ -327,24 +289,67 @@ class RoleplayService:
             turn_text = user_node.context_text or user_turn(card_text(chat.character), user_node.text)
             request = self._reply_request(engine, pre, turn_text, sampling, account)
             stream = await engine.submit(request)
-        bot_id, old_key = bot_node.id, bot_node.state_key
+        return ReplyJob(engine, stream, NewReply(bot_node.id, bot_node.state_key), guard.release_reply)
 
-        async def commit(raw: str, final: str, finish: Finish) -> None:
-            assert finish.state is not None
-            post_key = new_node_key()
-            await self._states.put(engine, post_key, finish.state)
+    async def save_reply(self, job: ReplyJob) -> None:
+        """Store the reply of a job whose `texts()` ended with one (the route calls this, so a reply
+        is stored only when the client got all of it); the job still holds the chat's guard.
+        Snapshots are written before the transaction that references them."""
+        reply = job.reply
+        if reply is None or reply.finish.state is None:
+            raise GenerationFailed("the reply did not finish")
+        engine = job.engine
+        post, post_key = reply.finish.state, new_node_key()
+        fed = _fed_reply(reply.raw, reply.finish)
+        turn = job.turn
+        if isinstance(turn, NewReply):
+            await self._states.put(engine, post_key, post)
             async with self._sessions() as session:
-                node = await session.get(ConversationNode, bot_id)
+                node = await session.get(ConversationNode, turn.bot_id)
                 if node is None:
                     raise GenerationFailed("the chat changed while the reply was generated")
-                node.text = final
-                node.context_text = _fed_reply(raw, finish)
+                node.text = reply.final
+                node.context_text = fed
                 node.state_key = post_key
-                node.token_count = finish.state.token_count
+                node.token_count = post.token_count
                 await session.commit()
-            await self._states.delete([old_key] if old_key else [], engine)
-
-        return ReplyJob(stream, commit, guard.release_reply)
+            await self._states.delete([turn.old_key] if turn.old_key else [], engine)
+            return
+        pre_key = new_node_key()
+        await self._states.put(engine, pre_key, turn.pre)
+        await self._states.put(engine, post_key, post)
+        async with self._sessions() as session:
+            conversation = await session.get(Conversation, turn.conversation_id)
+            if conversation is None or conversation.current_node_id != turn.after_id:
+                raise GenerationFailed("the chat changed while the reply was generated")
+            conversations = ConversationRepo(session)
+            user_node = await conversations.add_node(
+                ConversationNode(
+                    conversation_id=turn.conversation_id,
+                    parent_id=turn.after_id,
+                    position=turn.after_position + 1,
+                    role="user",
+                    text=turn.prompt,
+                    context_text=turn.turn_text,
+                    state_key=pre_key,
+                    token_count=turn.pre.token_count,
+                )
+            )
+            bot_node = await conversations.add_node(
+                ConversationNode(
+                    conversation_id=turn.conversation_id,
+                    parent_id=user_node.id,
+                    position=turn.after_position + 2,
+                    role="bot",
+                    text=reply.final,
+                    context_text=fed,
+                    state_key=post_key,
+                    token_count=post.token_count,
+                )
+            )
+            conversation.current_node_id = bot_node.id
+            conversation.updated_at = utcnow()
+            await session.commit()
 
     async def tamper(self, account: Account, name: str | None, message: str | None) -> None:
         """Replace the last reply by `message` (fed after the pre-reply state, leading space)."""

@@ -1,8 +1,9 @@
 """What the role-play routes see of the role-play services, free of any database import.
 
 The messages of the reference (docs/roleplay.md#4-messages), the failure type that carries them, the
-account and card value types, the `ReplyJob` a reply or resay hands to the route, and the protocols the
-routes call (`RoleplayAPI`, `UsersAPI`), which `services/roleplay.py` and `services/users.py` implement.
+account and card value types, the `ReplyJob` a reply or resay hands to the route (with the turn it
+stores when it ends), and the protocols the routes call (`RoleplayAPI`, `UsersAPI`), which
+`services/roleplay.py` and `services/users.py` implement.
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
@@ -14,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rwkv_gateway.domain.engine import TokenStream
-from rwkv_gateway.domain.types import Finish, FinishReason, SamplingParams, TextDelta
+from rwkv_gateway.domain.engine import Engine, TokenStream
+from rwkv_gateway.domain.types import Finish, FinishReason, SamplingParams, Snapshot, TextDelta
 from rwkv_gateway.errors import GatewayError
 
 logger = logging.getLogger(__name__)
@@ -71,72 +72,89 @@ class CardFields:
     avatar: str | None = None
 
 
-class ReplyJob:
-    """An admitted reply or resay: its text as it grows, then the stripped final text.
+@dataclass(frozen=True, slots=True)
+class NewTurn:
+    """What a reply stores when it ends: a user node and a bot node after node `after_id`."""
 
-    The chat is written only when generation ends normally (stop or length); a job that is cancelled
-    or closed early (client gone) writes nothing. The (user, character) guard is released when the
-    job ends either way.
+    conversation_id: int
+    after_id: int
+    after_position: int
+    prompt: str
+    #: What was fed for the user turn, and the state right after it (the reply starts there).
+    turn_text: str
+    pre: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class NewReply:
+    """What a resay stores when it ends: bot node `bot_id` gets the new reply (and its old state goes)."""
+
+    bot_id: int
+    old_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply that ended normally: as generated, as stored and shown last, and how it ended."""
+
+    raw: str
+    final: str
+    finish: Finish
+
+
+class ReplyJob:
+    """An admitted reply or resay: its text as it grows, then (when generation ends normally) `reply`.
+
+    The job itself writes nothing: the route saves the turn with `RoleplayService.save_reply` once
+    `texts()` is done, so a job that is cancelled or closed early (client gone) leaves the chat as it
+    was. `close()` cancels the generation if it still runs and releases the (user, character) guard.
     """
 
     def __init__(
-        self,
-        stream: TokenStream,
-        commit: Callable[[str, str, Finish], Any],
-        release: Callable[[], None],
+        self, engine: Engine, stream: TokenStream, turn: NewTurn | NewReply, release: Callable[[], None]
     ) -> None:
+        #: The engine generating the reply: the states the turn stores belong to its model.
+        self.engine = engine
         self._stream = stream
-        self._commit = commit
+        self.turn = turn
         self._release = release
         self._released = False
+        #: Set when generation ended normally (stop or length); None after a failure.
+        self.reply: Reply | None = None
 
-    def _done(self) -> None:
+    async def texts(self) -> AsyncIterator[str]:
+        """The whole reply so far after every piece of text. The stored final text (stripped after a
+        stop, as generated at the length cap) is `reply.final`; nothing more after a failure."""
+        text = ""
+        finish: Finish | None = None
+        held = False
+        async for event in self._stream:
+            if isinstance(event, TextDelta):
+                if held:
+                    yield text
+                text += event.text
+                # A piece ending in U+FFFD may be the decoder giving up on a character the length
+                # cap split; that is known only with the next event, so it waits for it.
+                held = text.endswith("\ufffd")
+                if not held:
+                    yield text
+            else:
+                finish = event
+        if held and (finish is None or finish.reason is not FinishReason.LENGTH):
+            yield text
+        if finish is None or finish.reason not in (FinishReason.STOP, FinishReason.LENGTH):
+            logger.warning("role-play reply ended without a reply: %s", finish and finish.error)
+            return
+        # At the length cap the text is kept as generated (docs/roleplay.md#11-the-reply-stream)
+        # minus a character the cap split (the decoder's replacement for its partial bytes).
+        final = text.strip() if finish.reason is FinishReason.STOP else text.rstrip("\ufffd")
+        self.reply = Reply(text, final, finish)
+
+    def close(self) -> None:
         if not self._released:
             self._released = True
             self._stream.cancel()
             self._release()
-
-    async def texts(self) -> AsyncIterator[str]:
-        """The whole reply so far after every piece of text; the last item is the final reply (stripped
-        after a stop, as generated at the length cap). Nothing more after a failed generation."""
-        try:
-            text = ""
-            finish: Finish | None = None
-            held = False
-            async for event in self._stream:
-                if isinstance(event, TextDelta):
-                    if held:
-                        yield text
-                    text += event.text
-                    # A piece ending in U+FFFD may be the decoder giving up on a character the length
-                    # cap split; that is known only with the next event, so it waits for it.
-                    held = text.endswith("\ufffd")
-                    if not held:
-                        yield text
-                else:
-                    finish = event
-            if held and (finish is None or finish.reason is not FinishReason.LENGTH):
-                yield text
-            if finish is None or finish.reason not in (FinishReason.STOP, FinishReason.LENGTH):
-                logger.warning("role-play reply ended without a reply: %s", finish and finish.error)
-                return
-            # At the length cap the text is kept as generated (docs/roleplay.md#11-the-reply-stream)
-            # minus a character the cap split (the decoder's replacement for its partial bytes).
-            final = text.strip() if finish.reason is FinishReason.STOP else text.rstrip("\ufffd")
-            await self._commit(text, final, finish)
-            yield final
-        finally:
-            self._done()
-
-    async def reply(self) -> str:
-        """Generate to the end and return the final reply (the non-streaming form)."""
-        final = ""
-        async for text in self.texts():
-            final = text
-        return final
-
-    def close(self) -> None:
-        self._done()
 
 
 class UsersAPI(Protocol):
@@ -177,6 +195,8 @@ class RoleplayAPI(Protocol):
     async def reply(
         self, account: Account, name: str | None, prompt: str | None, sampling: SamplingParams
     ) -> ReplyJob: ...
+
+    async def save_reply(self, job: ReplyJob) -> None: ...
 
     async def resay(self, account: Account, name: str | None, sampling: SamplingParams) -> ReplyJob: ...
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
+from rwkv_gateway.api.roleplay.router import reply_texts
 from rwkv_gateway.api.roleplay.streaming import reply_events
 from rwkv_gateway.db.base import utcnow
 from rwkv_gateway.db.models import Character, ConversationNode, User
@@ -32,7 +33,7 @@ from rwkv_gateway.services.roleplay_prompts import (
     sampling_params,
     user_turn,
 )
-from rwkv_gateway.services.roleplay_types import ReplyJob
+from rwkv_gateway.services.roleplay_types import NewReply, ReplyJob
 
 if TYPE_CHECKING:
     from conftest import RP, Factory
@@ -70,34 +71,45 @@ class Scripted:
         raise NotImplementedError
 
 
+class Saving:
+    """Stands in for the service's save step: records the replies it is asked to store."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, str]] = []
+
+    async def save_reply(self, job: ReplyJob) -> None:
+        assert job.reply is not None
+        self.saved.append((job.reply.raw, job.reply.final))
+
+
+def scripted_job(stream: Scripted, release: Any = lambda: None) -> ReplyJob:
+    return ReplyJob(None, stream, NewReply(1, None), release)  # type: ignore[arg-type]
+
+
+async def body_of(job: ReplyJob, service: Saving) -> bytes:
+    """The streamed body of a job, through the route's path (texts, the save step, the final text)."""
+    return b"".join([chunk async for chunk in reply_events(reply_texts(service, job))])  # type: ignore[arg-type]
+
+
 async def test_stream_framing_example() -> None:
     """docs/roleplay.md#11-the-reply-stream: tokens " 你", "好", "！", "\\n\\n" give exactly this body."""
-    committed: list[tuple[str, str]] = []
+    service = Saving()
     released: list[bool] = []
-
-    async def commit(raw: str, final: str, finish: Finish) -> None:
-        committed.append((raw, final))
-
     finish = Finish(FinishReason.STOP, Usage(), state=object(), stop_matched="\n\n")  # type: ignore[arg-type]
     stream = Scripted([TextDelta(" 你", (1,)), TextDelta("好", (2,)), TextDelta("！", (3,)), finish])
-    job = ReplyJob(stream, commit, lambda: released.append(True))  # type: ignore[arg-type]
-    body = b"".join([chunk async for chunk in reply_events(job)])
+    job = scripted_job(stream, lambda: released.append(True))
+    body = await body_of(job, service)
     assert body == "\n\ndata:  你\n\ndata:  你好\n\ndata:  你好！\n\ndata: 你好！".encode()
-    assert committed == [(" 你好！", "你好！")]
+    assert service.saved == [(" 你好！", "你好！")]
     assert released == [True] and stream.cancelled
 
 
 async def test_stream_that_fails_persists_nothing() -> None:
-    committed: list[str] = []
-
-    async def commit(raw: str, final: str, finish: Finish) -> None:
-        committed.append(final)
-
+    service = Saving()
     stream = Scripted([TextDelta(" 你", (1,)), Finish(FinishReason.ERROR, Usage(), error="boom")])
-    job = ReplyJob(stream, commit, lambda: None)  # type: ignore[arg-type]
-    body = b"".join([chunk async for chunk in reply_events(job)])
+    body = await body_of(scripted_job(stream), service)
     assert body == "\n\ndata:  你".encode()
-    assert committed == []
+    assert service.saved == []
 
 
 def test_sampling_mapping() -> None:
@@ -351,7 +363,8 @@ async def test_one_reply_at_a_time(rp: RP) -> None:
     assert (await rp.raw("/characters/save", {**me, **CARD, "bot": "星野"})).content == busy
     # Other characters are not blocked.
     await rp.ok("/characters/save", {**me, **CARD})
-    final = await job.reply()
+    texts = [text async for text in reply_texts(service, job)]
+    final = texts[-1]
     chat = await rp.ok("/characters/load", c)
     assert chat["chat"][-1] == ["你好", final]
     await _reply(rp, c, "又来")
@@ -435,21 +448,15 @@ async def test_idle_guests_are_removed(rp: RP) -> None:
 
 
 async def test_an_incomplete_character_at_the_cap_is_dropped() -> None:
-    finishes = []
-
-    async def commit(raw: str, final: str, finish: Finish) -> None:
-        finishes.append(final)
-
+    service = Saving()
     cap = Finish(FinishReason.LENGTH, Usage(), state=object())  # type: ignore[arg-type]
     stream = Scripted([TextDelta(" 你", (1,)), TextDelta("\ufffd", ()), cap])
-    job = ReplyJob(stream, commit, lambda: None)  # type: ignore[arg-type]
-    body = b"".join([chunk async for chunk in reply_events(job)])
+    body = await body_of(scripted_job(stream), service)
     assert body == "\n\ndata:  你\n\ndata:  你".encode()
-    assert finishes == [" 你"]
+    assert [final for _, final in service.saved] == [" 你"]
     # A replacement character in the middle of a reply is real text and is sent.
     stream = Scripted([TextDelta(" \ufffd", (1,)), TextDelta("好", (2,)), cap])
-    job = ReplyJob(stream, commit, lambda: None)  # type: ignore[arg-type]
-    body = b"".join([chunk async for chunk in reply_events(job)])
+    body = await body_of(scripted_job(stream), service)
     assert body == "\n\ndata:  \ufffd\n\ndata:  \ufffd好\n\ndata:  \ufffd好".encode()
 
 

@@ -11,7 +11,7 @@ adds what this dialect needs around the app: CORS on these paths and the optiona
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,14 +96,37 @@ def _sampling(params: Params) -> Any:
     )
 
 
-async def _respond_reply(request: Request, job: ReplyJob, params: Params) -> Response:
-    if params.streaming():
-        return ReplyStream(job)
+async def reply_texts(service: RoleplayAPI, job: ReplyJob) -> AsyncGenerator[str, None]:
+    """A reply as the client gets it: the whole text so far after every piece; then, once the service
+    has saved the turn, the final text. A reply that fails, or whose client goes away before its end
+    (this generator is closed early), saves nothing. The chat's guard is released at the end."""
     try:
-        reply = await unless_disconnected(request, job.reply())
+        async for text in job.texts():
+            yield text
+        if job.reply is not None:
+            await service.save_reply(job)
+            yield job.reply.final
+    finally:
+        job.close()
+
+
+async def _respond_reply(request: Request, service: RoleplayAPI, job: ReplyJob, params: Params) -> Response:
+    texts = reply_texts(service, job)
+    if params.streaming():
+        return ReplyStream(texts, job.close)
+    try:
+        reply = await unless_disconnected(request, _last(texts))
     finally:
         job.close()
     return envelope({"reply": reply})
+
+
+async def _last(texts: AsyncIterator[str]) -> str:
+    # The non-streamed answer: the last text (the final reply; the text so far after a failure).
+    last = ""
+    async for text in texts:
+        last = text
+    return last
 
 
 @router.post("/login")
@@ -175,7 +198,7 @@ async def reply(request: Request, users: UsersDep, service: RoleplayDep, params:
     job = await service.reply(
         account, params.text("character_name"), params.text("prompt"), _sampling(params)
     )
-    return await _respond_reply(request, job, params)
+    return await _respond_reply(request, service, job, params)
 
 
 @router.post("/chat/resay", response_model=None)
@@ -183,7 +206,7 @@ async def resay(request: Request, users: UsersDep, service: RoleplayDep, params:
     """Regenerate the last reply from the state before it."""
     account = await _account(users, params)
     job = await service.resay(account, params.text("character_name"), _sampling(params))
-    return await _respond_reply(request, job, params)
+    return await _respond_reply(request, service, job, params)
 
 
 @router.post("/chat/reset")

@@ -4,7 +4,7 @@
 Each chunk is `"\\n\\ndata: "` followed by the whole reply so far (not a delta); the last chunk
 carries the stripped final reply; nothing else (no `id:`, no `[DONE]`, no trailing newline). Every
 chunk is sent at once. The response watches for the client going away on its own (whatever ASGI
-version the server speaks) and then cancels the reply, which drops it (see services/roleplay.py).
+version the server speaks) and then closes the texts, which drops the reply (see the router).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Response
 from starlette.types import Receive, Scope, Send
-
-from rwkv_gateway.services.roleplay_types import ReplyJob
 
 logger = logging.getLogger(__name__)
 
@@ -25,24 +23,27 @@ EVENT_PREFIX = "\n\ndata: "
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def reply_events(job: ReplyJob) -> AsyncGenerator[bytes, None]:
-    async for text in job.texts():
+async def reply_events(texts: AsyncIterator[str]) -> AsyncGenerator[bytes, None]:
+    async for text in texts:
         yield (EVENT_PREFIX + text).encode("utf-8")
 
 
 class ReplyStream(Response):
-    """A streamed reply that stops (and drops the reply) as soon as the client disconnects."""
+    """A streamed reply that stops as soon as the client disconnects; either way it closes `texts`
+    and calls `close`, and a reply that did not reach its end is dropped."""
 
     media_type = "text/event-stream; charset=utf-8"
 
-    def __init__(self, job: ReplyJob) -> None:
+    def __init__(self, texts: AsyncGenerator[str, None], close: Callable[[], None]) -> None:
         super().__init__(content=None, headers=HEADERS, media_type=self.media_type)
-        self.job = job
+        self.texts = texts
+        #: Ends the reply whatever happened (even if `texts` never started).
+        self.close = close
         # No Content-Length: the body is chunked.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG002
-        events = reply_events(self.job)
+        events = reply_events(self.texts)
 
         async def pump() -> None:
             await send(
@@ -68,6 +69,7 @@ class ReplyStream(Response):
                 with contextlib.suppress(asyncio.CancelledError, OSError, Exception):
                     await task
             await events.aclose()
-            self.job.close()
+            await self.texts.aclose()
+            self.close()
         if pumping in done and not pumping.cancelled() and pumping.exception() is not None:
             logger.info("role-play stream ended early: %s", pumping.exception())
