@@ -7,10 +7,8 @@ option given on the command line wins. Errors a user can fix print one line and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
 
@@ -21,7 +19,6 @@ from rwkv_gateway.errors import GatewayError
 from rwkv_gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from rwkv_gateway.services.credentials import CredentialKind, CredentialService
@@ -78,76 +75,13 @@ def _setup_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
     configure_logging(level, fmt)
 
 
-#: After the drain deadline ends the engine's streams, how long their connections get to write the
-#: in-band error and terminator before uvicorn cancels what is left.
-DRAIN_GRACE_S = 5.0
-
-
-def _graceful_server_class() -> type:
-    import signal
-    import types
-
-    import uvicorn
-    from sse_starlette.sse import AppStatus
-
-    from rwkv_gateway.app import end_generation
-
-    class GracefulServer(uvicorn.Server):
-        """Drain on SIGTERM/SIGINT: readiness turns 503 at once (`app.state.draining`), uvicorn stops
-        accepting and waits for the open connections; at `drain_timeout_s` whatever still generates is
-        ended in-band (`end_generation`), then the lifespan tears down (Task API runs record their
-        state, the engine stops, the database closes) and the process exits 0.
-
-        uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would die
-        of the signal (exit -15). SIGTERM is how orchestrators ask for a normal stop: exit 0 instead."""
-
-        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-            # Before the main loop's next tick closes the sockets: a probe on a kept-alive connection
-            # already sees 503.
-            cast("FastAPI", self.config.app).state.draining = True
-            super().handle_exit(sig, frame)
-
-        async def shutdown(self, sockets: list[Any] | None = None) -> None:
-            app = cast("FastAPI", self.config.app)
-            app.state.draining = True
-            settings: Settings = app.state.settings
-
-            async def deadline() -> None:
-                await asyncio.sleep(settings.drain_timeout_s)
-                await end_generation(app)
-                # A stream that still has not ended (it waits on something other than the engine)
-                # is closed by sse-starlette before uvicorn cancels it outright.
-                await asyncio.sleep(DRAIN_GRACE_S / 2)
-                AppStatus.should_exit = True
-
-            timer = asyncio.create_task(deadline(), name="drain-deadline")
-            try:
-                await super().shutdown(sockets)
-            finally:
-                if not timer.done():
-                    timer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await timer
-
-        def run(self, sockets: list[Any] | None = None) -> None:
-            # sse-starlette would otherwise end every SSE stream the moment the signal arrives, cutting
-            # the in-flight streams the drain exists to let finish; the deadline above ends them.
-            AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
-            super().run(sockets)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                yield
-                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
-
-    return GracefulServer
-
-
 @app.command()
 def serve(
     model: Annotated[
-        Path | None, typer.Option(help="RWKV checkpoint (.pth); omitted: the demo model")
+        str | None,
+        typer.Option(
+            help="RWKV checkpoint: a .pth path or hf://OWNER/REPO/PATH.pth[@REVISION] (omitted: demo model)"
+        ),
     ] = None,
     strategy: Annotated[str | None, typer.Option(help='rwkv strategy, e.g. "cpu fp32", "cuda fp16"')] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizers JSON (Pile-vocabulary models)")] = None,
@@ -165,12 +99,12 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first; loads the model in the background)."""
-    import uvicorn
-
     from rwkv_gateway.app import create_app
+    from rwkv_gateway.engine.hub import is_hub_spec
     from rwkv_gateway.engine.loader import preflight
     from rwkv_gateway.engine.runtime import resolve_model_path
     from rwkv_gateway.engine.tokenizer import load_tokenizer
+    from rwkv_gateway.server import build_server
 
     settings = _settings(
         model=model,
@@ -189,6 +123,10 @@ def serve(
         _fail(f"--ui-dir {settings.ui_dir} has no index.html (give the UI build's dist/ folder)")
     _setup_logging(settings.log_level, settings.log_format)
     try:
+        if is_hub_spec(settings.model):
+            # Downloaded before the server starts, as `pull` would: a failure is one error line and an
+            # exit status, and the load in the background finds a local file (docs/operations.md#health).
+            settings = settings.model_copy(update={"model": str(_pull(cast(str, settings.model)))})
         path, _ = resolve_model_path(settings)
         info = preflight(path, settings.strategy)
         if settings.tokenizer is not None:
@@ -196,16 +134,7 @@ def serve(
     except GatewayError as exc:
         _fail(exc.message)
     fastapi_app = create_app(settings)
-    config = uvicorn.Config(
-        fastapi_app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-        # In-flight connections get the drain time, then the grace for their in-band ending.
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + DRAIN_GRACE_S),
-    )
-    server = _graceful_server_class()(config)
+    server = build_server(fastapi_app, settings)
 
     def on_load_failure() -> None:
         server.should_exit = True
@@ -214,6 +143,37 @@ def serve(
     server.run()
     if getattr(fastapi_app.state, "load_error", None):
         _fail(str(fastapi_app.state.load_error), code=1)
+
+
+def _pull(spec: str) -> Path:
+    """The local checkpoint for a hub spec (downloaded or resumed); a GatewayError propagates."""
+    from rwkv_gateway.engine.hub import resolve_model
+
+    try:
+        return resolve_model(spec)
+    except KeyboardInterrupt:
+        _fail("interrupted: the next pull or serve of the same file resumes the download", code=130)
+
+
+@app.command()
+def pull(
+    spec: Annotated[str, typer.Argument(help="hf://OWNER/REPO/PATH.pth, optionally @REVISION")],
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Download a checkpoint from the Hugging Face hub (or the mirror in HF_ENDPOINT) into the hub cache
+    (HF_HOME), resuming an interrupted download, and print its local path."""
+    from rwkv_gateway.engine.hub import is_hub_spec
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        _fail(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    if not is_hub_spec(spec):
+        _fail(f"pull takes a hub spec, hf://OWNER/REPO/PATH.pth[@REVISION], not {spec!r}")
+    _setup_logging(log_level)
+    try:
+        path = _pull(spec)
+    except GatewayError as exc:
+        _fail(exc.message, code=1)
+    typer.echo(str(path))
 
 
 @app.command("demo-model")
