@@ -9,6 +9,7 @@ import pytest
 
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.engine import admission as admission_mod
+from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
@@ -25,6 +26,20 @@ from rwkv_gateway.errors import (
 )
 
 GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module", params=["package", "batched"])
+def v7_backend(
+    request: pytest.FixtureRequest, v7_backend: RwkvPackageBackend, v7_path: Path
+) -> RwkvPackageBackend | BatchedRwkv7Backend:
+    """Every scheduler test (and the `engine` fixture) runs on both backends: the `rwkv` package's
+    loop over the rows (v4-v6, or RWKV_GATEWAY_BACKEND=package) and the batched RWKV-7 backend that
+    serves v7 checkpoints in production."""
+    if request.param == "package":
+        return v7_backend
+    return BatchedRwkv7Backend.load(v7_path, "cpu fp32")
+
+
 PROMPT = "User: Write a short poem about rivers.\n\nAssistant:"
 
 
