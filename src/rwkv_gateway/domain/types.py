@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
-from rwkv_gateway.errors import InvalidParameter
+from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, NotReady
 
 
 class FinishReason(StrEnum):
@@ -204,6 +204,27 @@ class Finish:
     stop_matched: str | int | None = None
     #: L2-normalised embedding of everything fed, when the request asked for it.
     embedding: tuple[float, ...] | None = None
+
+    def failure(self) -> GatewayError | None:
+        """Why the stream gave no complete reply, as the domain error every dialect renders in its own
+        envelope (a status before the first byte, its in-band error after it); None for a reply."""
+        if (entry := _FAILURES.get(self.reason)) is None:
+            return None
+        error_class, default_message = entry
+        return error_class(self.error or default_message)
+
+
+#: The finishes that are failures and the domain error each becomes (one table for every dialect).
+#: A timeout is absent on purpose: it ends the reply like the token limit does
+#: (docs/chat-prompts.md#4-finish-reasons).
+_FAILURES: Mapping[FinishReason, tuple[Callable[[str], GatewayError], str]] = {
+    FinishReason.ERROR: (GenerationFailed, "generation failed"),
+    # The engine ends streams as cancelled only when their reader cancelled them (nobody is left to
+    # tell) or when the server shuts down past its drain deadline ("server shutting down"): the client
+    # is still there and hears "not ready", which every dialect marks as worth retrying
+    # (docs/operations.md#shutdown-overload-and-faults).
+    FinishReason.CANCELLED: (NotReady, "the request was cancelled"),
+}
 
 
 TokenEvent = TextDelta | Finish

@@ -651,6 +651,43 @@ async def test_failure_after_the_first_byte_is_an_in_band_error_event(
     assert_ok(await wx.chat(greedy(max_output_tokens=2)))  # others are unaffected
 
 
+async def test_a_stream_the_server_ends_at_shutdown_is_code_2_which_qianfan_retries(
+    wx: Wenxin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until issue 16 this was 336000 (an internal error); the OpenAI and GLM dialects already answered
+    # "not ready" (retry) for it, and the three now share one table (Finish.failure).
+    from rwkv_gateway.domain.types import Finish, FinishReason, TextDelta, Usage
+
+    class EndedAtShutdown:  # fault injection: the drain deadline passes after the first sentence
+        prompt_token_count = 3
+        events = (
+            TextDelta("One.", (1,)),
+            Finish(FinishReason.CANCELLED, Usage(3, 1), error="server shutting down"),
+        )
+
+        async def __aiter__(self) -> Any:
+            for event in self.events:
+                yield event
+
+        async def collect(self) -> tuple[str, Finish]:
+            return "One.", self.events[-1]  # type: ignore[return-value]
+
+        def cancel(self) -> None:
+            pass
+
+    async def submit(request: GenerationRequest) -> EndedAtShutdown:
+        return EndedAtShutdown()
+
+    monkeypatch.setattr(wx.served.app.state.engine, "submit", submit)
+    events = stream_events(await wx.chat(greedy(stream=True)))
+    assert events[0]["result"] == "One." and events[0]["is_end"] is False
+    assert events[1] == {
+        "error_code": 2,
+        "error_msg": "Service temporarily unavailable: server shutting down",
+    }
+    assert_error(await wx.chat(greedy()), 2, contains="server shutting down")
+
+
 # ---------------------------------------------------------------------------- queue full
 
 

@@ -33,8 +33,8 @@ from typing import Any
 from rwkv_gateway.api.glm.schemas import GLMChatRequest, GLMEmbeddingRequest, GLMTokenizeRequest
 from rwkv_gateway.domain.engine import Engine, TextCodec, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
-from rwkv_gateway.domain.types import FinishReason, GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, NotReady
+from rwkv_gateway.domain.types import GenerationRequest, SamplingParams, TextDelta
+from rwkv_gateway.errors import GatewayError, InvalidParameter
 from rwkv_gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -170,10 +170,8 @@ class GLMChat:
         async for event in admitted.stream:
             if isinstance(event, TextDelta):
                 pieces.push(event.text)
-            elif event.reason is FinishReason.ERROR:
-                raise GenerationFailed(event.error or "generation failed")
-            elif event.reason is FinishReason.CANCELLED:
-                raise NotReady(event.error or "the request was cancelled")
+            elif (failure := event.failure()) is not None:
+                raise failure
         return self._body(pieces.text, admitted.prompt_tokens, pieces.completion_tokens)
 
     async def events(self, admitted: Admitted) -> AsyncIterator[bytes]:
@@ -183,8 +181,8 @@ class GLMChat:
                 if isinstance(event, TextDelta):
                     if piece := pieces.push(event.text):
                         yield dumps_event(self._body(piece, admitted.prompt_tokens, pieces.completion_tokens))
-                elif event.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    yield comment(f"error - {event.error or 'generation failed'}")
+                elif (failure := event.failure()) is not None:
+                    raise failure  # sent in-band below
         except GatewayError as exc:
             yield comment(f"error - {exc.message}")
         except Exception:

@@ -30,7 +30,7 @@ from rwkv_gateway.api.openai.schemas import (
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound, NotReady
+from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
 from rwkv_gateway.settings import Settings
 
 FINGERPRINT = "fp_rwkv"
@@ -213,10 +213,8 @@ async def collect_all(admitted: Admitted) -> tuple[list[str], list[Finish]]:
             finishes[index] = event
     done = [f for f in finishes if f is not None]
     for finish in done:
-        if finish.reason is FinishReason.ERROR:
-            raise GenerationFailed(finish.error or "generation failed")
-        if finish.reason is FinishReason.CANCELLED and finish.error:
-            raise NotReady(finish.error)  # the server ended it (shutting down), not the client
+        if (failure := finish.failure()) is not None:
+            raise failure
     return texts, done
 
 
@@ -295,16 +293,8 @@ class _Completion:
                     if (delta := self._delta(i, event.text)) is not None:
                         yield self._chunk([delta])
                     continue
-                if event.reason is FinishReason.ERROR:
-                    yield stream_error_event(GenerationFailed(event.error or "generation failed"))
-                    yield DONE
-                    return
-                if event.reason is FinishReason.CANCELLED and event.error:
-                    # Ended by the server (the drain deadline passed), so the client is still there
-                    # and must learn the reply is cut short.
-                    yield stream_error_event(NotReady(event.error))
-                    yield DONE
-                    return
+                if (failure := event.failure()) is not None:
+                    raise failure  # sent in-band below
                 completion += event.usage.completion_tokens
                 cached += event.usage.cached_tokens
                 yield self._chunk([self._closing(i, event)])

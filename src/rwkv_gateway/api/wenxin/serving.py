@@ -169,8 +169,8 @@ class ChatCompletion:
 
     async def response(self) -> dict[str, Any]:
         text, finish = await self.stream.collect()
-        if finish.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-            raise GenerationFailed(finish.error or "generation failed")
+        if (failure := finish.failure()) is not None:
+            raise failure
         reason, truncated = finish_fields(finish, self.client_stops)
         completion = finish.usage.completion_tokens
         return self._body(text.strip(), reason, truncated, self._usage(completion, completion))
@@ -220,9 +220,8 @@ class ChatCompletion:
                         sentence_id += 1
                         pending_tokens = 0
                     continue
-                if event.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    failure = GenerationFailed(event.error or "generation failed")
-                    break
+                if (found := event.failure()) is not None:
+                    raise found  # sent in-band below
                 reason, truncated = finish_fields(event, self.client_stops)
                 total = event.usage.completion_tokens
                 usage = self._usage(max(0, total - sent_tokens), max(total, sent_tokens))
