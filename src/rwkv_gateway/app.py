@@ -44,7 +44,6 @@ from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.services.roleplay import RoleplayService
 from rwkv_gateway.services.roleplay_guests import sweep_guests_forever
-from rwkv_gateway.services.task_db import TaskDatabase
 from rwkv_gateway.services.tasks import TaskConfig, TaskService
 from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
@@ -110,7 +109,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.request_logger = request_logger
     # Task API: the task registry (its runs need the engine, which each call passes in).
     state.tasks = TaskService(
-        TaskDatabase(state.sessions),
+        storage,
         TaskConfig(
             tmp_idle_s=settings.task_tmp_idle_s,
             tmp_max=settings.task_tmp_max,

@@ -25,6 +25,7 @@ from rwkv_gateway.db.models import (
     RequestLogEntry,
     User,
 )
+from rwkv_gateway.db.task_repo import TaskRepo
 from rwkv_gateway.domain.types import RequestRecord
 
 
@@ -354,6 +355,7 @@ class SqlUnitOfWork:
         self.credentials = CredentialRepo(session)
         self.access_tokens = AccessTokenRepo(session)
         self.request_log = RequestLogRepo(session)
+        self.tasks = TaskRepo(session)
 
     async def commit(self) -> None:
         await self.session.commit()

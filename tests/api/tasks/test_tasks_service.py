@@ -10,7 +10,7 @@ from taskhelp import GREEDY, Served, create, generate, wait_finished, wait_statu
 
 from rwkv_gateway.app import create_app
 from rwkv_gateway.engine.tokenizer import Tokenizer
-from rwkv_gateway.services.tasks import _Run
+from rwkv_gateway.services.tasks.model import Run
 from rwkv_gateway.settings import Settings
 
 PROMPT = "Once upon a time"
@@ -29,7 +29,7 @@ def test_text_whose_tokens_the_deltas_do_not_all_name_is_tokenized_again(tokeniz
     ids = tokenizer.encode(text)
     partial = [t for t in ids if not _whole_utf8(tokenizer.token_bytes(t))]
     assert len(partial) >= 2, "the emoji should be spelled by several byte tokens"
-    run = _Run(base=None, fed=[], stream=None, max_tokens=1)  # type: ignore[arg-type]
+    run = Run(base=None, fed=[], stream=None, max_tokens=1)  # type: ignore[arg-type]
     # A delta names only the token that completed its characters.
     run.ids = [t for t in ids if t not in partial[:-1]]
     run.texts = [text]
