@@ -93,7 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Role-play: accounts, conversations, and the idle-guest sweeper.
     state.roleplay_users = UserService(state.sessions, defaults_dir=settings.roleplay_default_characters)
     state.roleplay = RoleplayService(
-        state.sessions,
+        storage,
         lambda: get_engine_of(app),
         max_reply_tokens=settings.roleplay_max_reply_tokens,
         max_avatar_bytes=settings.roleplay_max_avatar_bytes,

@@ -26,6 +26,8 @@ from rwkv_gateway.db.models import (
     User,
 )
 from rwkv_gateway.db.task_repo import TaskRepo
+from rwkv_gateway.domain.roleplay_store import CardFields, NewNode
+from rwkv_gateway.domain.storage import utcnow
 from rwkv_gateway.domain.types import RequestRecord
 
 
@@ -222,9 +224,11 @@ class UserRepo:
             query = query.where(User.is_guest.is_(False))
         return (await self.session.scalars(query.order_by(User.name))).all()
 
-    async def delete(self, user: User) -> None:
-        await self.session.delete(user)
-        await self.session.flush()
+    async def delete(self, user_id: int) -> None:
+        user = await self.session.get(User, user_id)
+        if user is not None:
+            await self.session.delete(user)
+            await self.session.flush()
 
     async def idle_guests(self, before: datetime) -> Sequence[User]:
         query = select(User).where(User.is_guest.is_(True), User.last_seen_at < before).order_by(User.id)
@@ -247,6 +251,15 @@ class UserRepo:
         await self.session.flush()
 
 
+def _fill_card(character: Character, card: CardFields) -> None:
+    character.user_alias = card.user
+    character.greeting = card.greeting
+    character.persona = card.bot_persona
+    character.example_message = card.example_message
+    character.use_qa = card.use_qa
+    character.avatar = card.avatar
+
+
 class CharacterRepo:
     """A user's role-play characters (`characters`), keyed by (user, name)."""
 
@@ -261,13 +274,33 @@ class CharacterRepo:
         query = select(Character).where(Character.user_id == user_id, Character.name == name)
         return (await self.session.scalars(query)).one_or_none()
 
-    async def add(self, character: Character) -> Character:
+    async def add(self, user_id: int, card: CardFields) -> Character:
+        character = Character(user_id=user_id, name=card.bot)
+        _fill_card(character, card)
         self.session.add(character)
         await self.session.flush()
         return character
 
-    async def delete(self, character: Character) -> None:
-        await self.session.delete(character)
+    async def _row(self, character_id: int) -> Character:
+        character = await self.session.get(Character, character_id)
+        if character is None:
+            raise LookupError(f"no character {character_id}")
+        return character
+
+    async def update(self, character_id: int, card: CardFields) -> None:
+        _fill_card(await self._row(character_id), card)
+        await self.session.flush()
+
+    async def set_card_extra(self, character_id: int, extra: str | None) -> None:
+        (await self._row(character_id)).card_extra = extra
+        await self.session.flush()
+
+    async def set_persona_key(self, character_id: int, key: str | None) -> None:
+        (await self._row(character_id)).persona_state_key = key
+        await self.session.flush()
+
+    async def delete(self, character_id: int) -> None:
+        await self.session.delete(await self._row(character_id))
         await self.session.flush()
 
     async def count_persona_key(self, key: str) -> int:
@@ -291,11 +324,26 @@ class ConversationRepo:
         )
         return (await self.session.scalars(query)).first()
 
+    async def get_by_id(self, conversation_id: int) -> Conversation | None:
+        return await self.session.get(Conversation, conversation_id)
+
     async def add(self, user_id: int, character_id: int) -> Conversation:
         conversation = Conversation(user_id=user_id, character_id=character_id)
         self.session.add(conversation)
         await self.session.flush()
         return conversation
+
+    async def _row(self, conversation_id: int) -> Conversation:
+        conversation = await self.session.get(Conversation, conversation_id)
+        if conversation is None:
+            raise LookupError(f"no conversation {conversation_id}")
+        return conversation
+
+    async def set_current(self, conversation_id: int, node_id: int) -> None:
+        conversation = await self._row(conversation_id)
+        conversation.current_node_id = node_id
+        conversation.updated_at = utcnow()
+        await self.session.flush()
 
     async def nodes(self, conversation_id: int) -> Sequence[ConversationNode]:
         """Every node of the conversation in path order (role-play keeps one linear path)."""
@@ -306,22 +354,47 @@ class ConversationRepo:
         )
         return (await self.session.scalars(query)).all()
 
-    async def add_node(self, node: ConversationNode) -> ConversationNode:
+    async def add_node(self, new: NewNode) -> ConversationNode:
+        node = ConversationNode(
+            conversation_id=new.conversation_id,
+            parent_id=new.parent_id,
+            position=new.position,
+            role=new.role,
+            text=new.text,
+            context_text=new.context_text,
+            state_key=new.state_key,
+            token_count=new.token_count,
+        )
         self.session.add(node)
         await self.session.flush()
         return node
 
-    async def delete_nodes(self, conversation: Conversation, nodes: Iterable[ConversationNode]) -> None:
-        ids = [n.id for n in nodes]
+    async def rewrite_node(
+        self, node_id: int, *, text: str, context_text: str, state_key: str, token_count: int
+    ) -> bool:
+        node = await self.session.get(ConversationNode, node_id)
+        if node is None:
+            return False
+        node.text = text
+        node.context_text = context_text
+        node.state_key = state_key
+        node.token_count = token_count
+        await self.session.flush()
+        return True
+
+    async def delete_nodes(self, conversation_id: int, node_ids: Iterable[int]) -> None:
+        ids = list(node_ids)
         if not ids:
             return
+        conversation = await self._row(conversation_id)
         if conversation.current_node_id in ids:
             conversation.current_node_id = None
             await self.session.flush()
         await self.session.execute(delete(ConversationNode).where(ConversationNode.id.in_(ids)))
         await self.session.flush()
 
-    async def delete(self, conversation: Conversation) -> None:
+    async def delete(self, conversation_id: int) -> None:
+        conversation = await self._row(conversation_id)
         conversation.current_node_id = None
         await self.session.flush()
         await self.session.execute(

@@ -1,6 +1,6 @@
 """Role-play chats: load, reply, resay, tamper, back, reset, debug; and the service the routes use.
 
-A chat is a linear path of `ConversationNode`s: a system node (the persona block, whose state is the
+A chat is a linear path of dialogue nodes: a system node (the persona block, whose state is the
 character's cached persona state), the greeting (a bot node sharing that state), then per turn a user
 node whose state is the pre-reply state (just after `"{user}: {prompt}\\n\\n{bot}:"`) and a bot node
 whose state is the state after the reply and its `"\\n\\n"`. Every node state is a snapshot persisted
@@ -23,12 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.models import Character, Conversation, ConversationNode
-from rwkv_gateway.db.repo import CharacterRepo, ConversationRepo
 from rwkv_gateway.domain.engine import Engine
+from rwkv_gateway.domain.roleplay_store import CharacterRow, ConversationRow, NewNode, NodeRow, RoleplayUnit
+from rwkv_gateway.domain.storage import Storage
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, Snapshot
 from rwkv_gateway.errors import GenerationFailed
 from rwkv_gateway.services.roleplay_characters import Characters, card_text, drop_chat, find_character
@@ -64,8 +61,8 @@ logger = logging.getLogger(__name__)
 class _Turn:
     """One history row and the nodes behind it."""
 
-    user: ConversationNode | None
-    bot: ConversationNode | None
+    user: NodeRow | None
+    bot: NodeRow | None
 
     def row(self) -> Row:
         return [None if self.user is None else self.user.text, None if self.bot is None else self.bot.text]
@@ -73,9 +70,9 @@ class _Turn:
 
 @dataclass(slots=True)
 class _Chat:
-    character: Character
-    conversation: Conversation
-    nodes: list[ConversationNode]
+    character: CharacterRow
+    conversation: ConversationRow
+    nodes: list[NodeRow]
 
     @property
     def turns(self) -> list[_Turn]:
@@ -91,7 +88,7 @@ class _Chat:
         return turns
 
     @property
-    def last(self) -> ConversationNode:
+    def last(self) -> NodeRow:
         return self.nodes[-1]
 
 
@@ -100,19 +97,19 @@ class RoleplayService:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        storage: Storage[RoleplayUnit],
         engine: Callable[[], Engine],
         *,
         max_reply_tokens: int = 512,
         max_avatar_bytes: int = 2**20,
     ) -> None:
-        self._sessions = sessions
+        self._storage = storage
         self._engine = engine
         self._max_reply_tokens = max_reply_tokens
         self._guards = Guards()
         self._states = ChatStates(engine)
-        self.characters = Characters(sessions, self._guards, self._states, max_avatar_bytes=max_avatar_bytes)
-        self.guests = Guests(sessions, self._guards, self._states)
+        self.characters = Characters(storage, self._guards, self._states, max_avatar_bytes=max_avatar_bytes)
+        self.guests = Guests(storage, self._guards, self._states)
         #: Token ids of AVOID_REPEAT in the served vocabulary (found on first use).
         self._avoid_repeat: frozenset[int] | None = None
 
@@ -125,8 +122,8 @@ class RoleplayService:
             raise RoleplayFailure(MSG_NOT_LOADED)
         guard = await self._guards.claim_for_reply(account.id, checked)
         try:
-            async with self._sessions() as session:
-                chat = await self._chat_of(session, account, checked)
+            async with self._storage.transaction() as uow:
+                chat = await self._chat_of(uow, account, checked)
             if chat is None:
                 raise RoleplayFailure(MSG_NOT_LOADED)
             yield guard, chat
@@ -137,8 +134,9 @@ class RoleplayService:
     async def _node_state(self, engine: Engine, chat: _Chat, index: int, account: Account) -> Snapshot:
         return await self._states.of_node(engine, chat.nodes, index, card_text(chat.character), account)
 
-    async def _chat(self, session: AsyncSession, character: Character) -> _Chat | None:
-        conversations = ConversationRepo(session)
+    @staticmethod
+    async def _chat(uow: RoleplayUnit, character: CharacterRow) -> _Chat | None:
+        conversations = uow.conversations
         conversation = await conversations.get(character.user_id, character.id)
         if conversation is None:
             return None
@@ -147,19 +145,19 @@ class RoleplayService:
             return None
         return _Chat(character, conversation, nodes)
 
-    async def _chat_of(self, session: AsyncSession, account: Account, name: str | None) -> _Chat | None:
-        character = await find_character(session, account, name)
-        return None if character is None else await self._chat(session, character)
+    async def _chat_of(self, uow: RoleplayUnit, account: Account, name: str | None) -> _Chat | None:
+        character = await find_character(uow, account, name)
+        return None if character is None else await self._chat(uow, character)
 
     async def load(self, account: Account, name: str | None) -> list[Row]:
         """The chat's rows, creating the chat (greeting only) when there is none. Idempotent."""
         if not name:
             raise RoleplayFailure(MSG_EMPTY)
-        async with self._sessions() as session:
-            character = await find_character(session, account, name)
+        async with self._storage.transaction() as uow:
+            character = await find_character(uow, account, name)
             if character is None:
                 raise RoleplayFailure(MSG_NO_CHARACTER)
-            chat = await self._chat(session, character)
+            chat = await self._chat(uow, character)
             if chat is not None:
                 return [t.row() for t in chat.turns]
         async with self._guards.exclusive(account.id, character.name):
@@ -173,12 +171,12 @@ class RoleplayService:
         if checked is None:
             raise RoleplayFailure(MSG_NO_CHARACTER)
         async with self._guards.exclusive(account.id, checked):
-            async with self._sessions() as session:
-                character = await CharacterRepo(session).get(account.id, checked)
+            async with self._storage.transaction() as uow:
+                character = await uow.characters.get(account.id, checked)
                 if character is None:
                     raise RoleplayFailure(MSG_NO_CHARACTER)
-                keys = await drop_chat(session, character)
-                await session.commit()
+                keys = await drop_chat(uow, character)
+                await uow.commit()
             rows = await self._create_chat(account, checked)
             await self._states.delete(keys)
             return rows
@@ -186,25 +184,26 @@ class RoleplayService:
     async def _create_chat(self, account: Account, name: str) -> list[Row]:
         """Create the chat of `name` unless it exists (caller holds the guard); returns its rows."""
         engine = self._engine()
-        async with self._sessions() as session:
-            character = await CharacterRepo(session).get(account.id, name)
+        async with self._storage.transaction() as uow:
+            character = await uow.characters.get(account.id, name)
             if character is None:
                 raise RoleplayFailure(MSG_NO_CHARACTER)
-            chat = await self._chat(session, character)
+            chat = await self._chat(uow, character)
             if chat is not None:
                 return [t.row() for t in chat.turns]
             card = card_text(character)
         key, snap = await self._states.persona(engine, card, account)
-        async with self._sessions() as session:
-            character = await CharacterRepo(session).get(account.id, name)
+        async with self._storage.transaction() as uow:
+            character = await uow.characters.get(account.id, name)
             if character is None:
                 raise RoleplayFailure(MSG_NO_CHARACTER)
-            character.persona_state_key = key
-            conversations = ConversationRepo(session)
+            await uow.characters.set_persona_key(character.id, key)
+            conversations = uow.conversations
             conversation = await conversations.add(account.id, character.id)
             system = await conversations.add_node(
-                ConversationNode(
+                NewNode(
                     conversation_id=conversation.id,
+                    parent_id=None,
                     position=0,
                     role="system",
                     text="",
@@ -216,7 +215,7 @@ class RoleplayService:
             last = system
             if card.greeting:
                 last = await conversations.add_node(
-                    ConversationNode(
+                    NewNode(
                         conversation_id=conversation.id,
                         parent_id=system.id,
                         position=1,
@@ -227,8 +226,8 @@ class RoleplayService:
                         token_count=snap.token_count,
                     )
                 )
-            conversation.current_node_id = last.id
-            await session.commit()
+            await conversations.set_current(conversation.id, last.id)
+            await uow.commit()
         return [[None, card.greeting]] if card.greeting else []
 
     async def reply(
@@ -304,27 +303,29 @@ class RoleplayService:
         turn = job.turn
         if isinstance(turn, NewReply):
             await self._states.put(engine, post_key, post)
-            async with self._sessions() as session:
-                node = await session.get(ConversationNode, turn.bot_id)
-                if node is None:
+            async with self._storage.transaction() as uow:
+                rewritten = await uow.conversations.rewrite_node(
+                    turn.bot_id,
+                    text=reply.final,
+                    context_text=fed,
+                    state_key=post_key,
+                    token_count=post.token_count,
+                )
+                if not rewritten:
                     raise GenerationFailed("the chat changed while the reply was generated")
-                node.text = reply.final
-                node.context_text = fed
-                node.state_key = post_key
-                node.token_count = post.token_count
-                await session.commit()
+                await uow.commit()
             await self._states.delete([turn.old_key] if turn.old_key else [], engine)
             return
         pre_key = new_node_key()
         await self._states.put(engine, pre_key, turn.pre)
         await self._states.put(engine, post_key, post)
-        async with self._sessions() as session:
-            conversation = await session.get(Conversation, turn.conversation_id)
+        async with self._storage.transaction() as uow:
+            conversations = uow.conversations
+            conversation = await conversations.get_by_id(turn.conversation_id)
             if conversation is None or conversation.current_node_id != turn.after_id:
                 raise GenerationFailed("the chat changed while the reply was generated")
-            conversations = ConversationRepo(session)
             user_node = await conversations.add_node(
-                ConversationNode(
+                NewNode(
                     conversation_id=turn.conversation_id,
                     parent_id=turn.after_id,
                     position=turn.after_position + 1,
@@ -336,7 +337,7 @@ class RoleplayService:
                 )
             )
             bot_node = await conversations.add_node(
-                ConversationNode(
+                NewNode(
                     conversation_id=turn.conversation_id,
                     parent_id=user_node.id,
                     position=turn.after_position + 2,
@@ -347,9 +348,8 @@ class RoleplayService:
                     token_count=post.token_count,
                 )
             )
-            conversation.current_node_id = bot_node.id
-            conversation.updated_at = utcnow()
-            await session.commit()
+            await conversations.set_current(turn.conversation_id, bot_node.id)
+            await uow.commit()
 
     async def tamper(self, account: Account, name: str | None, message: str | None) -> None:
         """Replace the last reply by `message` (fed after the pre-reply state, leading space)."""
@@ -359,8 +359,8 @@ class RoleplayService:
         if checked is None:
             raise RoleplayFailure(MSG_NOT_LOADED)
         async with self._guards.exclusive(account.id, checked):
-            async with self._sessions() as session:
-                chat = await self._chat_of(session, account, checked)
+            async with self._storage.transaction() as uow:
+                chat = await self._chat_of(uow, account, checked)
             if chat is None:
                 raise RoleplayFailure(MSG_NOT_LOADED)
             turns = chat.turns
@@ -373,15 +373,17 @@ class RoleplayService:
             post = await self._states.feed(engine, pre, text, account)
             post_key, old_key = new_node_key(), bot_node.state_key
             await self._states.put(engine, post_key, post)
-            async with self._sessions() as session:
-                node = await session.get(ConversationNode, bot_node.id)
-                if node is None:
+            async with self._storage.transaction() as uow:
+                rewritten = await uow.conversations.rewrite_node(
+                    bot_node.id,
+                    text=message,
+                    context_text=text,
+                    state_key=post_key,
+                    token_count=post.token_count,
+                )
+                if not rewritten:
                     raise RoleplayFailure(MSG_NOT_LOADED)
-                node.text = message
-                node.context_text = text
-                node.state_key = post_key
-                node.token_count = post.token_count
-                await session.commit()
+                await uow.commit()
             await self._states.delete([old_key] if old_key else [], engine)
 
     async def back(self, account: Account, name: str | None, index: int) -> None:
@@ -393,11 +395,11 @@ class RoleplayService:
             raise RoleplayFailure(MSG_NO_CHARACTER)
         index = max(index, 0)
         async with self._guards.exclusive(account.id, checked):
-            async with self._sessions() as session:
-                character = await CharacterRepo(session).get(account.id, checked)
+            async with self._storage.transaction() as uow:
+                character = await uow.characters.get(account.id, checked)
                 if character is None:
                     raise RoleplayFailure(MSG_NO_CHARACTER)
-                chat = await self._chat(session, character)
+                chat = await self._chat(uow, character)
                 if chat is None:
                     raise RoleplayFailure(MSG_NOT_LOADED)
                 turns = chat.turns
@@ -407,9 +409,9 @@ class RoleplayService:
                 assert keep is not None
                 cut = chat.nodes.index(keep) + 1
                 dropped = chat.nodes[cut:]
-                await ConversationRepo(session).delete_nodes(chat.conversation, dropped)
-                chat.conversation.current_node_id = keep.id
-                await session.commit()
+                await uow.conversations.delete_nodes(chat.conversation.id, [n.id for n in dropped])
+                await uow.conversations.set_current(chat.conversation.id, keep.id)
+                await uow.commit()
             keys = node_keys(dropped)
             await self._states.delete(keys)
 
@@ -417,8 +419,8 @@ class RoleplayService:
         """What the current state has consumed: its token count and the text of all of it."""
         if not name:
             raise RoleplayFailure(MSG_EMPTY)
-        async with self._sessions() as session:
-            chat = await self._chat_of(session, account, name)
+        async with self._storage.transaction() as uow:
+            chat = await self._chat_of(uow, account, name)
         if chat is None:
             raise RoleplayFailure(MSG_NOT_STARTED)
         text = "".join(n.context_text or "" for n in chat.nodes)

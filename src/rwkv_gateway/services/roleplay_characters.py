@@ -11,10 +11,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from rwkv_gateway.db.models import Character
-from rwkv_gateway.db.repo import CharacterRepo, ConversationRepo
+from rwkv_gateway.domain.roleplay_store import CardFields, CharacterRow, RoleplayUnit
+from rwkv_gateway.domain.storage import Storage
 from rwkv_gateway.services.roleplay_guards import Guards
 from rwkv_gateway.services.roleplay_prompts import CardText, valid_name
 from rwkv_gateway.services.roleplay_states import ChatStates, node_keys
@@ -24,13 +22,11 @@ from rwkv_gateway.services.roleplay_types import (
     MSG_EMPTY,
     MSG_NO_CHARACTER,
     Account,
-    CardFields,
     RoleplayFailure,
 )
-from rwkv_gateway.services.users import character_row
 
 
-def card_text(character: Character) -> CardText:
+def card_text(character: CharacterRow) -> CardText:
     return CardText(
         user=character.user_alias,
         bot=character.name,
@@ -41,7 +37,7 @@ def card_text(character: Character) -> CardText:
     )
 
 
-def card_fields(character: Character) -> CardFields:
+def card_fields(character: CharacterRow) -> CardFields:
     return CardFields(
         user=character.user_alias,
         bot=character.name,
@@ -53,29 +49,28 @@ def card_fields(character: Character) -> CardFields:
     )
 
 
-async def find_character(session: AsyncSession, account: Account, name: str | None) -> Character | None:
+async def find_character(uow: RoleplayUnit, account: Account, name: str | None) -> CharacterRow | None:
     """The account's character `name`; None for an unknown or invalid name."""
     checked = valid_name(name)
     if checked is None:
         return None
-    return await CharacterRepo(session).get(account.id, checked)
+    return await uow.characters.get(account.id, checked)
 
 
-async def drop_chat(session: AsyncSession, character: Character) -> list[str]:
+async def drop_chat(uow: RoleplayUnit, character: CharacterRow) -> list[str]:
     """Delete the character's conversation; returns its node state keys (persona keys excluded)."""
-    conversations = ConversationRepo(session)
+    conversations = uow.conversations
     keys: list[str] = []
     while (conversation := await conversations.get(character.user_id, character.id)) is not None:
         keys += node_keys(await conversations.nodes(conversation.id))
-        await conversations.delete(conversation)
+        await conversations.delete(conversation.id)
     return keys
 
 
-async def _drop_persona(session: AsyncSession, character: Character) -> list[str]:
+async def _drop_persona(uow: RoleplayUnit, character: CharacterRow) -> list[str]:
     key = character.persona_state_key
-    character.persona_state_key = None
-    await session.flush()
-    if key is None or await CharacterRepo(session).count_persona_key(key):
+    await uow.characters.set_persona_key(character.id, None)
+    if key is None or await uow.characters.count_persona_key(key):
         return []
     return [key]
 
@@ -85,21 +80,21 @@ class Characters:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        storage: Storage[RoleplayUnit],
         guards: Guards,
         states: ChatStates,
         *,
         max_avatar_bytes: int,
     ) -> None:
-        self._sessions = sessions
+        self._storage = storage
         self._guards = guards
         self._states = states
         self._max_avatar_bytes = max_avatar_bytes
 
     async def list(self, account: Account) -> list[dict[str, Any]]:
         """`/characters/list` entries, by file name."""
-        async with self._sessions() as session:
-            chars = await CharacterRepo(session).list(account.id)
+        async with self._storage.transaction() as uow:
+            chars = await uow.characters.list(account.id)
         entries = [
             {"char_name": c.name, "file_name": f"{c.name}.json", "avatar": c.avatar or None} for c in chars
         ]
@@ -108,21 +103,21 @@ class Characters:
     async def get(self, account: Account, name: str | None) -> dict[str, Any]:
         """The card as `/characters/get` returns it: the reference's save layout and key order, which
         are CardFields' fields in order."""
-        async with self._sessions() as session:
-            return asdict(card_fields(await self._known(session, account, name)))
+        async with self._storage.transaction() as uow:
+            return asdict(card_fields(await self._known(uow, account, name)))
 
     async def fields(self, account: Account, name: str | None) -> tuple[CardFields, dict[str, Any]]:
         """The card and its stored extra card fields (for export)."""
-        async with self._sessions() as session:
-            character = await self._known(session, account, name)
+        async with self._storage.transaction() as uow:
+            character = await self._known(uow, account, name)
             extra = json.loads(character.card_extra) if character.card_extra else {}
             return card_fields(character), extra if isinstance(extra, dict) else {}
 
     @staticmethod
-    async def _known(session: AsyncSession, account: Account, name: str | None) -> Character:
+    async def _known(uow: RoleplayUnit, account: Account, name: str | None) -> CharacterRow:
         if not name:
             raise RoleplayFailure(MSG_EMPTY)
-        character = await find_character(session, account, name)
+        character = await find_character(uow, account, name)
         if character is None:
             raise RoleplayFailure(MSG_NO_CHARACTER)
         return character
@@ -151,24 +146,21 @@ class Characters:
         """Create or overwrite a card; its chat and cached persona state are dropped (as the reference)."""
         card = self.check(card, require_greeting=require_greeting)
         async with self._guards.exclusive(account.id, card.bot):
-            async with self._sessions() as session:
-                chars = CharacterRepo(session)
+            async with self._storage.transaction() as uow:
+                chars = uow.characters
                 character = await chars.get(account.id, card.bot)
                 keys: list[str] = []
                 if character is None:
-                    character = await chars.add(character_row(account.id, card))
+                    character = await chars.add(account.id, card)
                 else:
-                    keys = await drop_chat(session, character)
-                    character.user_alias = card.user
-                    character.greeting = card.greeting
-                    character.persona = card.bot_persona
-                    character.example_message = card.example_message
-                    character.use_qa = card.use_qa
-                    character.avatar = card.avatar
-                    keys += await _drop_persona(session, character)
+                    keys = await drop_chat(uow, character)
+                    await chars.update(character.id, card)
+                    keys += await _drop_persona(uow, character)
                 if extra is not None:
-                    character.card_extra = json.dumps(extra, ensure_ascii=False) if extra else None
-                await session.commit()
+                    await chars.set_card_extra(
+                        character.id, json.dumps(extra, ensure_ascii=False) if extra else None
+                    )
+                await uow.commit()
             await self._states.delete(keys)
 
     async def delete(self, account: Account, name: str | None) -> None:
@@ -179,13 +171,12 @@ class Characters:
         if checked is None:
             return
         async with self._guards.exclusive(account.id, checked):
-            async with self._sessions() as session:
-                chars = CharacterRepo(session)
-                character = await chars.get(account.id, checked)
+            async with self._storage.transaction() as uow:
+                character = await uow.characters.get(account.id, checked)
                 if character is None:
                     return
-                keys = await drop_chat(session, character)
-                keys += await _drop_persona(session, character)
-                await chars.delete(character)
-                await session.commit()
+                keys = await drop_chat(uow, character)
+                keys += await _drop_persona(uow, character)
+                await uow.characters.delete(character.id)
+                await uow.commit()
             await self._states.delete(keys)

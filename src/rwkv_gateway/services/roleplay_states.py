@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rwkv_gateway.db.models import ConversationNode
 from rwkv_gateway.domain.engine import Engine, SnapshotStore
+from rwkv_gateway.domain.roleplay_store import NodeRow
 from rwkv_gateway.domain.types import GenerationRequest, Snapshot
 from rwkv_gateway.errors import GatewayError, GenerationFailed
 from rwkv_gateway.services.roleplay_prompts import (
@@ -53,7 +53,7 @@ def new_node_key() -> str:
     return NODE_KEY_PREFIX + uuid.uuid4().hex
 
 
-def node_keys(nodes: Sequence[ConversationNode]) -> list[str]:
+def node_keys(nodes: Sequence[NodeRow]) -> list[str]:
     """The node state keys of `nodes` (persona keys, shared by content, are not theirs to delete)."""
     return [n.state_key for n in nodes if n.state_key and n.state_key.startswith(NODE_KEY_PREFIX)]
 
@@ -139,7 +139,7 @@ class ChatStates:
         return key, snap
 
     async def of_node(
-        self, engine: Engine, nodes: Sequence[ConversationNode], index: int, card: CardText, account: Account
+        self, engine: Engine, nodes: Sequence[NodeRow], index: int, card: CardText, account: Account
     ) -> Snapshot:
         """The snapshot after node `index`. One that is missing (or was made by another model) is
         rebuilt from the nodes' text, starting at the nearest earlier node whose snapshot exists

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rwkv_gateway.domain.engine import Engine, TokenStream
+from rwkv_gateway.domain.roleplay_store import CardFields as CardFields  # re-exported for the routes
 from rwkv_gateway.domain.types import Finish, FinishReason, SamplingParams, Snapshot, TextDelta
 from rwkv_gateway.errors import GatewayError
 
@@ -57,19 +58,6 @@ class Account:
     id: int
     name: str
     is_guest: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CardFields:
-    """A character as the reference stores it (`chars/*.json`)."""
-
-    user: str
-    bot: str
-    greeting: str
-    bot_persona: str
-    example_message: str = ""
-    use_qa: bool = False
-    avatar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,10 +29,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.models import Character, User
-from rwkv_gateway.db.repo import CharacterRepo, ConversationRepo, UserRepo
+from rwkv_gateway.db.repo import CharacterRepo, SqlUnitOfWork, UserRepo
 from rwkv_gateway.errors import GatewayError, InvalidParameter, NotFound
-from rwkv_gateway.services.roleplay_prompts import NODE_KEY_PREFIX, valid_name
+from rwkv_gateway.services.roleplay_guests import delete_user_rows
+from rwkv_gateway.services.roleplay_prompts import valid_name
 from rwkv_gateway.services.roleplay_types import (
     MSG_BAD_PASSWORD,
     MSG_EMPTY,
@@ -111,19 +111,6 @@ def read_card_files(directory: Path) -> list[CardFields]:
     return cards
 
 
-def character_row(user_id: int, card: CardFields) -> Character:
-    return Character(
-        user_id=user_id,
-        name=card.bot,
-        user_alias=card.user,
-        greeting=card.greeting,
-        persona=card.bot_persona,
-        example_message=card.example_message,
-        use_qa=card.use_qa,
-        avatar=card.avatar,
-    )
-
-
 class UserService:
     """Accounts, guests and tokens (role-play API and the `users` CLI)."""
 
@@ -167,7 +154,7 @@ class UserService:
             user = await users.get_by_name(name)
             if user is None:
                 raise NotFound(f"no user {name!r}")
-            keys = await delete_user_rows(session, user)
+            keys = await delete_user_rows(SqlUnitOfWork(session), user.id)
             await session.commit()
             return keys
 
@@ -216,7 +203,7 @@ class UserService:
                     if card.bot in seen:
                         continue
                     seen.add(card.bot)
-                    await chars.add(character_row(user.id, card))
+                    await chars.add(user.id, card)
                     n_chars += 1
                 await session.commit()
             imported.append(name)
@@ -233,7 +220,7 @@ class UserService:
         chars = CharacterRepo(session)
         for card in cards:
             if await chars.get(user_id, card.bot) is None:
-                await chars.add(character_row(user_id, card))
+                await chars.add(user_id, card)
 
     async def login(self, user_name: str | None, password: str | None) -> tuple[str, str]:
         """(user name, new token) for a correct password; the user's previous token stops working."""
@@ -308,20 +295,6 @@ class UserService:
                 user.last_seen_at = now
                 await session.commit()
             return Account(user.id, user.name, user.is_guest)
-
-
-async def delete_user_rows(session: AsyncSession, user: User) -> list[str]:
-    """Delete `user` (tokens, characters, conversations and nodes go with it); returns the state keys
-    nobody else uses any more."""
-    conversations = ConversationRepo(session)
-    chars = CharacterRepo(session)
-    keys = {k for k in await conversations.state_keys_of_user(user.id) if k.startswith(NODE_KEY_PREFIX)}
-    personas = {c.persona_state_key for c in await chars.list(user.id) if c.persona_state_key}
-    await UserRepo(session).delete(user)
-    for key in personas:
-        if not await chars.count_persona_key(key):
-            keys.add(key)
-    return sorted(keys)
 
 
 def _aware(value: datetime) -> datetime:
