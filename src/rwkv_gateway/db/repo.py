@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Result, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +29,8 @@ from rwkv_gateway.db.task_repo import TaskRepo
 from rwkv_gateway.domain.roleplay_store import CardFields, NewNode
 from rwkv_gateway.domain.storage import utcnow
 from rwkv_gateway.domain.types import RequestRecord
+
+_Row = TypeVar("_Row", Character, Conversation)
 
 
 def _entry(record: RequestRecord) -> RequestLogEntry:
@@ -251,6 +253,14 @@ class UserRepo:
         await self.session.flush()
 
 
+async def _existing(session: AsyncSession, table: type[_Row], row_id: int) -> _Row:
+    """The row `row_id` of a table; the services change only rows they have just read."""
+    row = await session.get(table, row_id)
+    if row is None:
+        raise LookupError(f"no {table.__name__} {row_id}")
+    return row
+
+
 def _fill_card(character: Character, card: CardFields) -> None:
     character.user_alias = card.user
     character.greeting = card.greeting
@@ -281,26 +291,20 @@ class CharacterRepo:
         await self.session.flush()
         return character
 
-    async def _row(self, character_id: int) -> Character:
-        character = await self.session.get(Character, character_id)
-        if character is None:
-            raise LookupError(f"no character {character_id}")
-        return character
-
     async def update(self, character_id: int, card: CardFields) -> None:
-        _fill_card(await self._row(character_id), card)
+        _fill_card(await _existing(self.session, Character, character_id), card)
         await self.session.flush()
 
     async def set_card_extra(self, character_id: int, extra: str | None) -> None:
-        (await self._row(character_id)).card_extra = extra
+        (await _existing(self.session, Character, character_id)).card_extra = extra
         await self.session.flush()
 
     async def set_persona_key(self, character_id: int, key: str | None) -> None:
-        (await self._row(character_id)).persona_state_key = key
+        (await _existing(self.session, Character, character_id)).persona_state_key = key
         await self.session.flush()
 
     async def delete(self, character_id: int) -> None:
-        await self.session.delete(await self._row(character_id))
+        await self.session.delete(await _existing(self.session, Character, character_id))
         await self.session.flush()
 
     async def count_persona_key(self, key: str) -> int:
@@ -333,14 +337,8 @@ class ConversationRepo:
         await self.session.flush()
         return conversation
 
-    async def _row(self, conversation_id: int) -> Conversation:
-        conversation = await self.session.get(Conversation, conversation_id)
-        if conversation is None:
-            raise LookupError(f"no conversation {conversation_id}")
-        return conversation
-
     async def set_current(self, conversation_id: int, node_id: int) -> None:
-        conversation = await self._row(conversation_id)
+        conversation = await _existing(self.session, Conversation, conversation_id)
         conversation.current_node_id = node_id
         conversation.updated_at = utcnow()
         await self.session.flush()
@@ -386,7 +384,7 @@ class ConversationRepo:
         ids = list(node_ids)
         if not ids:
             return
-        conversation = await self._row(conversation_id)
+        conversation = await _existing(self.session, Conversation, conversation_id)
         if conversation.current_node_id in ids:
             conversation.current_node_id = None
             await self.session.flush()
@@ -394,7 +392,7 @@ class ConversationRepo:
         await self.session.flush()
 
     async def delete(self, conversation_id: int) -> None:
-        conversation = await self._row(conversation_id)
+        conversation = await _existing(self.session, Conversation, conversation_id)
         conversation.current_node_id = None
         await self.session.flush()
         await self.session.execute(

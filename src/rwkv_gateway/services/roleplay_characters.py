@@ -26,17 +26,6 @@ from rwkv_gateway.services.roleplay_types import (
 )
 
 
-def card_text(character: CharacterRow) -> CardText:
-    return CardText(
-        user=character.user_alias,
-        bot=character.name,
-        greeting=character.greeting,
-        bot_persona=character.persona,
-        example_message=character.example_message,
-        use_qa=character.use_qa,
-    )
-
-
 def card_fields(character: CharacterRow) -> CardFields:
     return CardFields(
         user=character.user_alias,
@@ -47,6 +36,12 @@ def card_fields(character: CharacterRow) -> CardFields:
         use_qa=character.use_qa,
         avatar=character.avatar,
     )
+
+
+def card_text(character: CharacterRow) -> CardText:
+    """What the prompt uses of the card (all but the avatar)."""
+    card = card_fields(character)
+    return CardText(card.user, card.bot, card.greeting, card.bot_persona, card.example_message, card.use_qa)
 
 
 async def find_character(uow: RoleplayUnit, account: Account, name: str | None) -> CharacterRow | None:
