@@ -26,7 +26,7 @@ from typing import Any
 from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.domain.roleplay_store import CharacterRow, ConversationRow, NewNode, NodeRow, RoleplayUnit
 from rwkv_gateway.domain.storage import Storage
-from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, Snapshot
+from rwkv_gateway.domain.types import FinishReason, GenerationRequest, SamplingParams, Snapshot
 from rwkv_gateway.errors import GenerationFailed
 from rwkv_gateway.services.roleplay_characters import Characters, card_text, drop_chat, find_character
 from rwkv_gateway.services.roleplay_guards import Guard, Guards
@@ -49,6 +49,7 @@ from rwkv_gateway.services.roleplay_types import (
     Account,
     NewReply,
     NewTurn,
+    Reply,
     ReplyJob,
     RoleplayFailure,
     Row,
@@ -234,7 +235,7 @@ class RoleplayService:
         self, account: Account, name: str | None, prompt: str | None, sampling: SamplingParams
     ) -> ReplyJob:
         """Admit a reply to `prompt`: the user turn is prefilled from the last node's state before this
-        returns; the job streams the reply and persists the turn when it ends normally."""
+        returns; the job generates the reply, and `save_reply` stores the turn once the reply ended."""
         name = (name or "").strip()
         prompt = (prompt or "").strip()
         if not name or not prompt:
@@ -291,32 +292,20 @@ class RoleplayService:
         return ReplyJob(engine, stream, NewReply(bot_node.id, bot_node.state_key), guard.release_reply)
 
     async def save_reply(self, job: ReplyJob) -> None:
-        """Store the reply of a job whose `texts()` ended with one (the route calls this, so a reply
-        is stored only when the client got all of it); the job still holds the chat's guard.
-        Snapshots are written before the transaction that references them."""
+        """Store the reply of a job whose `texts()` reached the reply's end (the route calls this before
+        it sends the final text); the job still holds the chat's guard. Snapshots are written before the
+        transaction that references them."""
         reply = job.reply
         if reply is None or reply.finish.state is None:
             raise GenerationFailed("the reply did not finish")
-        engine = job.engine
-        post, post_key = reply.finish.state, new_node_key()
-        fed = _fed_reply(reply.raw, reply.finish)
-        turn = job.turn
-        if isinstance(turn, NewReply):
-            await self._states.put(engine, post_key, post)
-            async with self._storage.transaction() as uow:
-                rewritten = await uow.conversations.rewrite_node(
-                    turn.bot_id,
-                    text=reply.final,
-                    context_text=fed,
-                    state_key=post_key,
-                    token_count=post.token_count,
-                )
-                if not rewritten:
-                    raise GenerationFailed("the chat changed while the reply was generated")
-                await uow.commit()
-            await self._states.delete([turn.old_key] if turn.old_key else [], engine)
-            return
-        pre_key = new_node_key()
+        if isinstance(job.turn, NewReply):
+            await self._save_resaid(job.engine, job.turn, reply, reply.finish.state)
+        else:
+            await self._save_turn(job.engine, job.turn, reply, reply.finish.state)
+
+    async def _save_turn(self, engine: Engine, turn: NewTurn, reply: Reply, post: Snapshot) -> None:
+        """A reply's turn: a user node (the pre-reply state) and a bot node (the state after the reply)."""
+        pre_key, post_key = new_node_key(), new_node_key()
         await self._states.put(engine, pre_key, turn.pre)
         await self._states.put(engine, post_key, post)
         async with self._storage.transaction() as uow:
@@ -343,13 +332,30 @@ class RoleplayService:
                     position=turn.after_position + 2,
                     role="bot",
                     text=reply.final,
-                    context_text=fed,
+                    context_text=_fed_reply(reply),
                     state_key=post_key,
                     token_count=post.token_count,
                 )
             )
             await conversations.set_current(turn.conversation_id, bot_node.id)
             await uow.commit()
+
+    async def _save_resaid(self, engine: Engine, turn: NewReply, reply: Reply, post: Snapshot) -> None:
+        """A resay's reply: the last bot node gets it and the state after it; its old state goes."""
+        post_key = new_node_key()
+        await self._states.put(engine, post_key, post)
+        async with self._storage.transaction() as uow:
+            rewritten = await uow.conversations.rewrite_node(
+                turn.bot_id,
+                text=reply.final,
+                context_text=_fed_reply(reply),
+                state_key=post_key,
+                token_count=post.token_count,
+            )
+            if not rewritten:
+                raise GenerationFailed("the chat changed while the reply was generated")
+            await uow.commit()
+        await self._states.delete([turn.old_key] if turn.old_key else [], engine)
 
     async def tamper(self, account: Account, name: str | None, message: str | None) -> None:
         """Replace the last reply by `message` (fed after the pre-reply state, leading space)."""
@@ -427,6 +433,6 @@ class RoleplayService:
         return {"token_count": chat.last.token_count, "token_state": text}
 
 
-def _fed_reply(raw: str, finish: Finish) -> str:
+def _fed_reply(reply: Reply) -> str:
     # After a stop the context holds the reply and its blank line; at the length cap only the text.
-    return raw + REPLY_STOP if finish.reason is FinishReason.STOP else raw
+    return reply.raw + REPLY_STOP if reply.finish.reason is FinishReason.STOP else reply.raw
