@@ -16,13 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from rwkv_gateway import __version__
 from rwkv_gateway.api import health, tokenize
+from rwkv_gateway.api.common.cors import PathCORS, app_policy
 from rwkv_gateway.api.common.errors import BodySizeLimit, ErrorRenderer
 from rwkv_gateway.api.common.request_id import RequestId
 from rwkv_gateway.api.glm import router as glm_router
@@ -252,15 +252,14 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     app.include_router(wenxin_router.router)
     app.include_router(roleplay_router.router)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=["x-request-id", "retry-after"],
-        )
-    # Role-play CORS (outermost) and the optional static UI (mounted after every API route).
+    # One CORS middleware: the role-play and ChatGLM paths have their own policies, the rest the
+    # app-wide one (none while RWKV_GATEWAY_CORS_ORIGINS is empty).
+    app.add_middleware(
+        PathCORS,
+        scopes=[roleplay_router.cors_scope(settings), glm_router.cors_scope(settings)],
+        default=app_policy(settings),
+    )
+    # The optional static UI (mounted after every API route).
     roleplay_router.install(app, settings)
     app.state.error_renderers = [
         *tasks_router.error_scopes(),

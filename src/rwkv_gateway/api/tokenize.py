@@ -23,7 +23,7 @@ from rwkv_gateway.api.common.deps import get_engine, get_settings
 from rwkv_gateway.api.common.errors import BodyTooLarge
 from rwkv_gateway.api.glm import serving as glm_serving
 from rwkv_gateway.api.glm.errors import GLMErrors
-from rwkv_gateway.api.glm.router import cors_headers, parse_body
+from rwkv_gateway.api.glm.router import parse_body
 from rwkv_gateway.api.glm.schemas import GLMTokenizeRequest
 from rwkv_gateway.api.glm.serving import readable_token
 from rwkv_gateway.api.openai.errors import OpenAIErrors
@@ -54,7 +54,6 @@ async def _glm_tokenize(request: Request, raw: bytes | BodyTooLarge) -> Response
     except Exception:
         logger.exception("GLM /tokenize failed")
         response = _glm_errors.gateway_error(GatewayError("internal server error"))
-    response.headers.update(cors_headers(request))
     return response
 
 

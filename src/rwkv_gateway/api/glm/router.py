@@ -4,25 +4,25 @@ Bodies are parsed here rather than by FastAPI, because the reference reads any b
 its Content-Type (curl's `-d` sends a form type) and its clients rely on that. Every failure is
 rendered as `{"detail": "<field>: <reason>"}` by `GLMErrors` (see errors.py).
 
-The reference runs with CORS fully open and browser clients exist, so these routes answer
-preflights and carry `Access-Control-Allow-Origin` themselves (on errors too), echoing the caller's
-origin; when `RWKV_GATEWAY_CORS_ORIGINS` is set, the app-wide CORS middleware decides instead.
+The reference runs with CORS fully open and browser clients exist, so these paths (and `/tokenize`)
+have their own CORS policy (`cors_scope`, applied by the app's one CORS middleware, errors included):
+any origin, echoed with credentials; when `RWKV_GATEWAY_CORS_ORIGINS` is set, the app-wide policy.
 The error scopes are exact paths: the role-play dialect owns `/chat/...`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
+from rwkv_gateway.api.common.cors import CORSPolicy, app_policy
 from rwkv_gateway.api.common.deps import EngineDep, SettingsDep
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
@@ -30,41 +30,12 @@ from rwkv_gateway.api.glm import serving
 from rwkv_gateway.api.glm.errors import GLMErrors, invalid_from
 from rwkv_gateway.api.glm.schemas import GLMChatRequest, GLMEmbeddingRequest
 from rwkv_gateway.errors import InvalidParameter
+from rwkv_gateway.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 
 PATHS = ("/chat", "/chat-stream", "/embedding")
-_CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
-_DialectRoute: type[APIRoute] = dialect_route(GLMErrors())
-
-
-def cors_headers(request: Request) -> dict[str, str]:
-    """Open CORS for a request that carries an Origin (echoed, so credentials work too)."""
-    origin = request.headers.get("origin")
-    if origin is None or request.app.state.settings.cors_origins:
-        return {}
-    return {
-        "Access-Control-Allow-Origin": origin,
-        "Access-Control-Allow-Credentials": "true",
-        "Vary": "Origin",
-    }
-
-
-class GLMRoute(_DialectRoute):  # type: ignore[misc,valid-type]
-    """The dialect's route class, plus the open-CORS headers on whatever the route answers."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler: Callable[[Request], Coroutine[Any, Any, Response]] = super().get_route_handler()
-
-        async def with_cors(request: Request) -> Response:
-            response = await handler(request)
-            response.headers.update(cors_headers(request))
-            return response
-
-        return with_cors
-
-
-router = APIRouter(route_class=GLMRoute, tags=["chatglm"])
+router = APIRouter(route_class=dialect_route(GLMErrors()), tags=["chatglm"])
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
@@ -129,20 +100,9 @@ async def embedding(request: Request, engine: EngineDep, settings: SettingsDep) 
     return await serving.embeddings(engine, settings, await read_body(request, GLMEmbeddingRequest))
 
 
-async def _preflight(request: Request) -> Response:
-    headers = cors_headers(request)
-    if headers:
-        headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-        headers["Access-Control-Max-Age"] = "600"
-        if wanted := request.headers.get("access-control-request-headers"):
-            headers["Access-Control-Allow-Headers"] = wanted
-    return Response(status_code=200, headers=headers)
-
-
-for _path in (*PATHS, "/tokenize"):
-    router.add_api_route(
-        _path, _preflight, methods=["OPTIONS"], include_in_schema=False, response_class=Response
-    )
+def cors_scope(settings: Settings) -> tuple[Iterable[str], CORSPolicy]:
+    """This dialect's paths and their CORS policy: open while no app-wide origins are set."""
+    return (*PATHS, "/tokenize"), app_policy(settings) or CORSPolicy(("*",), credentials=True)
 
 
 def error_scopes() -> list[tuple[str, ErrorRenderer]]:

@@ -3,7 +3,7 @@
 Thin handlers: read the merged parameters (`params.py`), run the token check first (every route but
 `/login` and `/login/tmp`), call the services, answer with the `{"data", "message", "code"}` envelope
 (always HTTP 200) or, for `/chat/reply` and `/chat/resay`, the original's cumulative stream. `install`
-adds what this dialect needs around the app: CORS on these paths and the optional static UI.
+mounts the optional static UI; `cors_scope` is this dialect's CORS policy.
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
@@ -18,9 +18,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
+from rwkv_gateway.api.common.cors import CORSPolicy
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
-from rwkv_gateway.api.roleplay.cors import RoleplayCORS
 from rwkv_gateway.api.roleplay.errors import RoleplayErrors, envelope
 from rwkv_gateway.api.roleplay.params import Params, read_params
 from rwkv_gateway.api.roleplay.streaming import ReplyStream
@@ -340,10 +340,16 @@ def error_scopes() -> list[tuple[str, ErrorRenderer]]:
     return [(path, renderer) for path in PATHS]
 
 
+def cors_scope(settings: Settings) -> tuple[tuple[str, ...], CORSPolicy]:
+    """These paths and their CORS policy (docs/roleplay.md#5-cors): the UI's origin echoed, and a
+    preflight answered 204."""
+    policy = CORSPolicy(tuple(settings.roleplay_cors_origins), credentials=True, preflight_status=204)
+    return PATHS, policy
+
+
 def install(app: FastAPI, settings: Settings) -> None:
-    """CORS on the role-play paths (outermost, so errors get it too) and the static UI, mounted last
-    so that it never shadows an API route. Call after every router and middleware is added."""
-    app.add_middleware(RoleplayCORS, paths=PATHS, origins=settings.roleplay_cors_origins)
+    """The static UI, mounted last so that it never shadows an API route. Call after every router is
+    added."""
     if settings.ui_dir is not None:
         ui_dir = Path(settings.ui_dir)
         if not (ui_dir / "index.html").is_file():
