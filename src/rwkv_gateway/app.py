@@ -234,7 +234,7 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     model = ModelSlot()
     # Role-play: accounts and conversations; the lifespan runs the idle-guest sweeper.
     roleplay = RoleplayService(
-        storage.sessions,
+        storage,
         model.get,
         max_reply_tokens=settings.roleplay_max_reply_tokens,
         max_avatar_bytes=settings.roleplay_max_avatar_bytes,
