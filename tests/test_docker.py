@@ -36,6 +36,8 @@ BASE = DOCKER / "compose.yaml"
 GPU = DOCKER / "compose.gpu.yaml"
 HEALTHCHECK = "/opt/rwkv-gateway/healthcheck.py"
 HEX32_RE = re.compile(r"[0-9a-f]{32}")
+#: huggingface_hub's variables for hf:// models, passed on from the shell or .env only when set there.
+HUB_VARIABLES = {"HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"}
 
 # ---------------------------------------------------------------------------- compose helpers
 
@@ -168,7 +170,10 @@ def check_cpu_service(config: dict[str, Any], compose_dir: Path, monkeypatch: py
     env = environment(svc)
     # Every variable is one the server knows: a typo would silently configure nothing.
     fields = {f"RWKV_GATEWAY_{name.upper()}" for name in Settings.model_fields}
-    assert set(env) <= fields, set(env) - fields
+    assert set(env) - HUB_VARIABLES <= fields, set(env) - HUB_VARIABLES - fields
+    # No value, so unset in the container unless the shell sets them: an empty HF_ENDPOINT would be
+    # taken as the hub's address.
+    assert {name: svc["environment"][name] for name in HUB_VARIABLES} == dict.fromkeys(HUB_VARIABLES)
     settings = settings_from(env, monkeypatch)
     assert settings.model is None  # the demo model unless RWKV_GATEWAY_MODEL is set
     assert settings.strategy == "cpu fp32"
@@ -229,7 +234,7 @@ def test_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     }
     svc = load(BASE, GPU, env=env)["services"]["gateway"]
     settings = settings_from(environment(svc), monkeypatch)
-    assert settings.model == Path("/models/RWKV-x070-World-2.9B.pth")
+    assert settings.model == "/models/RWKV-x070-World-2.9B.pth"
     assert settings.database_url == "postgresql+asyncpg://gw:pw@db/gw"
     assert published(svc) == {8000: ("0.0.0.0", "9000")}
     assert volume_mounts(svc)["/models"] == {"source": "/srv/models", "read_only": True, "type": "bind"}
@@ -273,7 +278,7 @@ def compose() -> list[str]:
 
 
 def compose_config(cmd: list[str], *files: Path, cwd: Path, env: dict[str, str] | None = None) -> Any:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RWKV_", "COMPOSE_", "DOCKER_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RWKV_", "COMPOSE_", "DOCKER_", "HF_"))}
     args = [*cmd, *[a for f in files for a in ("-f", os.path.relpath(f, cwd))], "config", "--format", "json"]
     out = subprocess.run(
         args, cwd=cwd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=60
@@ -296,6 +301,12 @@ def test_docker_compose_config_from_the_repo_root(
     assert config["name"] == "rwkv-gateway"
     check_cpu_service(config, DOCKER, monkeypatch)
     assert volume_mounts(config["services"]["gateway"])["/models"]["source"] == str(DOCKER / "models")
+
+
+def test_docker_compose_passes_the_hub_variables(compose: list[str]) -> None:
+    env = {"HF_ENDPOINT": "https://hf-mirror.example", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}
+    config = compose_config(compose, BASE, GPU, cwd=DOCKER, env=env)
+    assert {k: v for k, v in environment(config["services"]["gateway"]).items() if k in env} == env
 
 
 def test_docker_compose_config_with_the_gpu_overlay(
@@ -389,6 +400,7 @@ def test_dockerfile_runtime_target(target: str) -> None:
     assert env["RWKV_GATEWAY_PORT"] == "8000"
     assert env["RWKV_GATEWAY_DATA_DIR"] == "/data"
     assert "RWKV_GATEWAY_MODEL" not in env  # optional: the demo model without one
+    assert env["HF_HOME"] == "/data/hf"  # hf:// downloads land in the volume and survive a restart
     health = last(lines, "HEALTHCHECK")
     options, _, command = health.partition(" CMD ")
     assert json.loads(command) == ["python3", HEALTHCHECK]

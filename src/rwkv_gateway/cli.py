@@ -78,7 +78,10 @@ def _setup_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
 @app.command()
 def serve(
     model: Annotated[
-        Path | None, typer.Option(help="RWKV checkpoint (.pth); omitted: the demo model")
+        str | None,
+        typer.Option(
+            help="RWKV checkpoint: a .pth path or hf://OWNER/REPO/PATH.pth[@REVISION] (omitted: demo model)"
+        ),
     ] = None,
     strategy: Annotated[str | None, typer.Option(help='rwkv strategy, e.g. "cpu fp32", "cuda fp16"')] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizers JSON (Pile-vocabulary models)")] = None,
@@ -96,7 +99,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first; loads the model in the background)."""
-    from rwkv_gateway.app import create_app, services_of
+    from rwkv_gateway.app import create_app
+    from rwkv_gateway.engine.hub import is_hub_spec
     from rwkv_gateway.engine.loader import preflight
     from rwkv_gateway.engine.runtime import resolve_model_path
     from rwkv_gateway.engine.tokenizer import load_tokenizer
@@ -119,6 +123,11 @@ def serve(
         _fail(f"--ui-dir {settings.ui_dir} has no index.html (give the UI build's dist/ folder)")
     _setup_logging(settings.log_level, settings.log_format)
     try:
+        if is_hub_spec(settings.model):
+            # Downloaded before the server starts, as `pull` would: a failure is one error line and
+            # an exit status, and the load in the background finds a local file
+            # (docs/models.md#models-from-a-hub).
+            settings = settings.model_copy(update={"model": str(_pull(cast(str, settings.model)))})
         path, _ = resolve_model_path(settings)
         info = preflight(path, settings.strategy)
         if settings.tokenizer is not None:
@@ -131,11 +140,41 @@ def serve(
     def on_load_failure() -> None:
         server.should_exit = True
 
-    slot = services_of(fastapi_app).model
-    slot.on_load_failure = on_load_failure
+    fastapi_app.state.on_load_failure = on_load_failure
     server.run()
-    if slot.load_error:
-        _fail(slot.load_error, code=1)
+    if getattr(fastapi_app.state, "load_error", None):
+        _fail(str(fastapi_app.state.load_error), code=1)
+
+
+def _pull(spec: str) -> Path:
+    """The local checkpoint for a hub spec (downloaded or resumed); a GatewayError propagates."""
+    from rwkv_gateway.engine.hub import resolve_model
+
+    try:
+        return resolve_model(spec)
+    except KeyboardInterrupt:
+        _fail("interrupted: the next pull or serve of the same file resumes the download", code=130)
+
+
+@app.command()
+def pull(
+    spec: Annotated[str, typer.Argument(help="hf://OWNER/REPO/PATH.pth, optionally @REVISION")],
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Download a checkpoint from the Hugging Face hub (or the mirror in HF_ENDPOINT) into the hub cache
+    (HF_HOME), resuming an interrupted download, and print its local path."""
+    from rwkv_gateway.engine.hub import is_hub_spec
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        _fail(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    if not is_hub_spec(spec):
+        _fail(f"pull takes a hub spec, hf://OWNER/REPO/PATH.pth[@REVISION], not {spec!r}")
+    _setup_logging(log_level)
+    try:
+        path = _pull(spec)
+    except GatewayError as exc:
+        _fail(exc.message, code=1)
+    typer.echo(str(path))
 
 
 @app.command("demo-model")

@@ -6,6 +6,7 @@ Settings are built once by the composition root and passed explicitly to whateve
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RWKV_GATEWAY_", extra="ignore", validate_default=True)
 
     # Model
-    model: Path | None = Field(default=None, description="RWKV checkpoint (.pth); none serves the demo model")
+    model: str | None = Field(
+        default=None,
+        description="RWKV checkpoint: a .pth path, or hf://OWNER/REPO/PATH.pth[@REVISION] from a Hugging "
+        "Face hub; none serves the demo model",
+    )
     strategy: str = Field(default="cpu fp32", description='rwkv package strategy, e.g. "cuda fp16"')
     tokenizer: Path | None = Field(default=None, description="tokenizers JSON for Pile-vocabulary models")
     model_name: str | None = Field(default=None, description="model id shown to clients (default: file stem)")
@@ -176,6 +181,12 @@ class Settings(BaseSettings):
         # `RWKV_GATEWAY_MODEL=` (as compose passes an unset `${RWKV_GATEWAY_MODEL:-}`) means "none",
         # not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path_as_text(cls, value: object) -> object:
+        # A string, not a Path: `Path("hf://a/b")` would fold the scheme's `//` into one slash.
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _budget_covers_chunk(self) -> Settings:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-
-from rwkv_gateway.api.common.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -19,13 +17,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
+async def readyz(request: Request) -> JSONResponse | dict[str, Any]:
     """503 until the model is loaded (or while draining); then the model and engine load figures."""
-    model = services.model
-    engine = model.engine
-    if engine is None or model.draining:
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    if engine is None or getattr(state, "draining", False):
         body: dict[str, Any] = {"status": "draining" if engine is not None else "loading"}
-        error = model.load_error
+        error = getattr(state, "load_error", None)
         if error:
             body = {"status": "failed", "error": error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

@@ -14,6 +14,7 @@ from pathlib import Path
 from rwkv_gateway.domain.types import RequestRecord
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
+from rwkv_gateway.engine.hub import is_hub_spec, resolve_model
 from rwkv_gateway.engine.loader import inspect_checkpoint, load_model
 from rwkv_gateway.engine.protocol import Backend
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
@@ -48,9 +49,12 @@ class LoadedModel:
 
 
 def resolve_model_path(settings: Settings) -> tuple[Path, bool]:
-    """The checkpoint to serve and whether it is the demo model (written on first use)."""
+    """The checkpoint to serve and whether it is the demo model (written on first use). A hub spec is
+    downloaded here when nothing did it before (`serve` does, before the server starts)."""
     if settings.model is not None:
-        return settings.model, False
+        if is_hub_spec(settings.model):
+            return resolve_model(settings.model), False
+        return Path(settings.model), False
     path = settings.demo_model_path
     if not path.exists():
         write_demo_model(path, "v7", n_layer=settings.demo_layers, n_embd=settings.demo_embd, seed=0)

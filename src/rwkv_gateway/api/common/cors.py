@@ -3,8 +3,7 @@
 Dialects whose browser clients live on other origins own a policy for their paths: the role-play UI
 (docs/roleplay.md#5-cors) and the ChatGLM wrapper's clients (docs/glm.md#7-cors). Every other path
 gets the app-wide `RWKV_GATEWAY_CORS_ORIGINS` policy, or none while that is empty. The policy sits
-outside the routes, so every answer of a path carries it, errors raised outside any route (404, 405)
-included.
+outside the routes, so errors raised before or outside a route (413, 404, 405) carry it too.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ class CORSPolicy:
     origins: tuple[str, ...]
     credentials: bool = False
     expose_headers: tuple[str, ...] = ()
-    #: The status of a successful preflight: Starlette answers 200 "OK"; the role-play paths answer
-    #: 204 with no body, as they always have (docs/roleplay.md#5-cors).
+    #: The status of a successful preflight: Starlette answers 200 "OK"; the role-play UI's reference
+    #: answered 204 with no body.
     preflight_status: int = 200
 
 
