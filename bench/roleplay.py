@@ -75,8 +75,8 @@ async def run(model: Path, data_dir: Path, users: int, turns: int, reply_tokens:
     try:
         while not server.started:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        await asyncio.wait_for(app.state.model_ready.wait(), 600)
-        engine = app.state.engine
+        await asyncio.wait_for(app.state.services.model.ready.wait(), 600)
+        engine = app.state.services.model.engine
         limits = httpx.Limits(max_connections=users + 4)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits

@@ -1,17 +1,20 @@
-"""Composition root: `create_app(settings)` builds the FastAPI app; its lifespan owns every resource.
+"""Composition root: `create_app(settings)` builds the FastAPI app and its one typed container of
+services (`app.state.services`, `api/common/deps.py`); its lifespan owns every resource.
 
-Start-up order: data dir, database migrations, DB engine, request logger, then the model — loaded in a
-worker thread so `/healthz` answers at once and `/readyz` says 503 until the model is in. Tear-down
-runs in reverse. Nothing here happens at import time.
+Start-up order: data dir, database migrations, DB engine (the services' session factory is bound to
+it), request logger, then the model — loaded in a worker thread so `/healthz` answers at once and
+`/readyz` says 503 until the model is in. Tear-down runs in reverse. Nothing here happens at import
+time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -22,7 +25,9 @@ from starlette.types import ASGIApp
 
 from rwkv_gateway import __version__
 from rwkv_gateway.api import health, tokenize
+from rwkv_gateway.api.common.auth import OpenAIKeys
 from rwkv_gateway.api.common.cors import PathCORS, app_policy
+from rwkv_gateway.api.common.deps import ModelSlot, Services
 from rwkv_gateway.api.common.errors import BodySizeLimit, ErrorRenderer
 from rwkv_gateway.api.common.request_id import RequestId
 from rwkv_gateway.api.glm import router as glm_router
@@ -34,16 +39,15 @@ from rwkv_gateway.api.roleplay import router as roleplay_router
 from rwkv_gateway.api.tasks import router as tasks_router
 from rwkv_gateway.api.wenxin import router as wenxin_router
 from rwkv_gateway.db.migrate import upgrade
-from rwkv_gateway.db.session import SqlStorage, create_db_engine, make_session_factory
-from rwkv_gateway.domain.engine import Engine
+from rwkv_gateway.db.session import SqlStorage, bind_session_factory, create_db_engine, make_session_factory
 from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
-from rwkv_gateway.errors import GatewayError, NotReady, ServerBusy
+from rwkv_gateway.errors import GatewayError, ServerBusy
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.services.roleplay import RoleplayService
-from rwkv_gateway.services.roleplay_guests import sweep_guests_forever
+from rwkv_gateway.services.roleplay_guests import Guests, sweep_guests_forever
 from rwkv_gateway.services.tasks import TaskConfig, TaskService
 from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
@@ -51,86 +55,50 @@ from rwkv_gateway.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-async def _load_engine(app: FastAPI, settings: Settings, request_logger: RequestLogger) -> None:
-    state = app.state
-    metrics: GatewayMetrics = state.metrics
+async def _load_engine(services: Services) -> None:
+    settings, metrics, model = services.settings, services.metrics, services.model
     try:
         started = time.perf_counter()
         loaded = await asyncio.to_thread(runtime.load, settings)
-        on_finish = chain(request_logger.record, metrics.record)
+        on_finish = chain(services.request_log.record, metrics.record)
         engine = runtime.build_scheduler(settings, loaded, on_finish=on_finish)
         await engine.start()
         metrics.model_loaded(time.perf_counter() - started)
     except GatewayError as exc:
-        state.load_error = exc.message
         logger.error("model load failed: %s", exc.message)
-        on_fail: Callable[[], None] | None = getattr(state, "on_load_failure", None)
-        if on_fail is not None:
-            on_fail()
+        model.failed(exc.message)
         return
     except Exception as exc:
-        state.load_error = f"{type(exc).__name__}: {exc}"
         logger.exception("model load failed")
-        on_fail = getattr(state, "on_load_failure", None)
-        if on_fail is not None:
-            on_fail()
+        model.failed(f"{type(exc).__name__}: {exc}")
         return
-    state.engine = engine
-    state.model_ready.set()
+    model.loaded(engine, engine.aclose)
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state = app.state
-    settings: Settings = state.settings
+async def _lifespan(
+    app: FastAPI, *, injected: Scheduler | None, storage: SqlStorage, guests: Guests
+) -> AsyncIterator[None]:
+    services = services_of(app)
+    settings, model = services.settings, services.model
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)
     db_engine = create_db_engine(settings.database_url)
-    state.db_engine = db_engine
-    state.sessions = make_session_factory(db_engine)
-    storage = SqlStorage(state.sessions)
-    state.credentials = CredentialService(storage)
-    # Role-play: accounts, conversations, and the idle-guest sweeper.
-    state.roleplay_users = UserService(state.sessions, defaults_dir=settings.roleplay_default_characters)
-    state.roleplay = RoleplayService(
-        storage,
-        lambda: get_engine_of(app),
-        max_reply_tokens=settings.roleplay_max_reply_tokens,
-        max_avatar_bytes=settings.roleplay_max_avatar_bytes,
-    )
+    bind_session_factory(storage.sessions, db_engine)
     guest_sweeper = asyncio.create_task(
-        sweep_guests_forever(
-            state.roleplay.guests, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s
-        ),
+        sweep_guests_forever(guests, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s),
         name="roleplay-guest-sweeper",
     )
-    request_logger = RequestLogger(storage)
-    await request_logger.start()
-    state.request_logger = request_logger
-    # Task API: the task registry (its runs need the engine, which each call passes in).
-    state.tasks = TaskService(
-        storage,
-        TaskConfig(
-            tmp_idle_s=settings.task_tmp_idle_s,
-            tmp_max=settings.task_tmp_max,
-            cache_size=settings.task_cache_size,
-            sweep_s=settings.task_sweep_s,
-            max_segment_tokens=settings.max_new_tokens,
-        ),
-    )
-    await state.tasks.start()
-    state.model_ready = asyncio.Event()
-    state.load_error = None
-    injected: Scheduler | None = state.injected_engine
+    await services.request_log.start()
+    await services.tasks.start()
     load_task: asyncio.Task[None] | None = None
     if injected is not None:
         if injected.on_finish is None:
-            injected.on_finish = chain(request_logger.record, state.metrics.record)
+            injected.on_finish = chain(services.request_log.record, services.metrics.record)
         await injected.start()
-        state.engine = injected
-        state.model_ready.set()
+        model.loaded(injected, injected.aclose)
     else:
-        load_task = asyncio.create_task(_load_engine(app, settings, request_logger), name="model-load")
+        load_task = asyncio.create_task(_load_engine(services), name="model-load")
     try:
         yield
     finally:
@@ -141,13 +109,51 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await load_task
-        await state.tasks.aclose()  # runs record their state while the engine still runs
-        engine: Scheduler | None = getattr(state, "engine", None)
-        if engine is not None and injected is None:
-            await engine.aclose()
-        state.engine = None
-        await request_logger.aclose()
+        await services.tasks.aclose()  # runs record their state while the engine still runs
+        if injected is None:
+            await model.close()
+        model.engine = None
+        await services.request_log.aclose()
         await db_engine.dispose()
+
+
+def services_of(app: FastAPI) -> Services:
+    """The app's container of services (for the server and the CLI; routes use `ServicesDep`)."""
+    services: Services = app.state.services
+    return services
+
+
+def _build_services(
+    settings: Settings, model: ModelSlot, storage: SqlStorage, roleplay: RoleplayService
+) -> Services:
+    """The container the routes read: every service on one storage, whose session factory the
+    lifespan binds to the database once it is migrated and open."""
+    sessions = storage.sessions
+    credentials = CredentialService(storage)
+    # Task API: the task registry (its runs need the engine, which each call passes in).
+    tasks = TaskService(
+        storage,
+        TaskConfig(
+            tmp_idle_s=settings.task_tmp_idle_s,
+            tmp_max=settings.task_tmp_max,
+            cache_size=settings.task_cache_size,
+            sweep_s=settings.task_sweep_s,
+            max_segment_tokens=settings.max_new_tokens,
+        ),
+    )
+    return Services(
+        settings=settings,
+        model=model,
+        # Per app, never the global registry: figures of one app (tests build many) stay its own.
+        metrics=GatewayMetrics(model.current, queue_size=settings.queue_size),
+        credentials=credentials,
+        openai_keys=OpenAIKeys(credentials),
+        users=UserService(sessions, defaults_dir=settings.roleplay_default_characters),
+        roleplay=roleplay,
+        tasks=tasks,
+        request_log=RequestLogger(storage),
+        storage=storage,
+    )
 
 
 async def end_generation(app: FastAPI) -> None:
@@ -155,70 +161,63 @@ async def end_generation(app: FastAPI) -> None:
     runs stop and record their state, then the engine ends every waiting and running stream as
     cancelled ("server shutting down"), so each dialect still writes its in-band error and its
     terminator before the connection closes. The lifespan's own tear-down runs afterwards as usual."""
-    app.state.draining = True
-    tasks: TaskService | None = getattr(app.state, "tasks", None)
-    if tasks is not None:
-        await tasks.aclose()
-    engine: Scheduler | None = getattr(app.state, "engine", None)
-    if engine is not None:
+    services = services_of(app)
+    services.model.draining = True
+    await services.tasks.aclose()
+    if services.model.engine is not None:
         logger.warning("drain timeout passed: ending the requests still running")
-        await engine.aclose()
-
-
-def get_engine_of(app: FastAPI) -> Engine:
-    """The loaded engine, or NotReady (for services that reach the engine outside a request)."""
-    engine: Engine | None = getattr(app.state, "engine", None)
-    if engine is None:
-        raise NotReady("the model is still loading")
-    return engine
+        await services.model.close()
 
 
 def _error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def _renderer_for(request: Request) -> ErrorRenderer | None:
-    """The dialect that owns this path renders errors raised outside its routes (404, 405, 500).
+class _ErrorPages:
+    """The dialect that owns a path renders errors raised outside its routes (404, 405, 500).
 
-    Entries ending in "/" are prefixes (which also own the bare path without the slash); others match
+    Scopes ending in "/" are prefixes (which also own the bare path without the slash); others match
     exactly. The first match wins, so more specific entries come first.
     """
-    renderers: list[tuple[str, ErrorRenderer]] = request.app.state.error_renderers
-    path = request.url.path
-    for scope, renderer in renderers:
-        if scope.endswith("/"):
-            if path == scope.rstrip("/") or path.startswith(scope):
+
+    def __init__(self, scopes: list[tuple[str, ErrorRenderer]]) -> None:
+        self.scopes = scopes
+
+    def renderer_for(self, request: Request) -> ErrorRenderer | None:
+        path = request.url.path
+        for scope, renderer in self.scopes:
+            if scope.endswith("/"):
+                if path == scope.rstrip("/") or path.startswith(scope):
+                    return renderer
+            elif path == scope:
                 return renderer
-        elif path == scope:
-            return renderer
-    return None
+        return None
 
+    async def gateway_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        if (renderer := self.renderer_for(request)) is not None:
+            return renderer.gateway_error(exc)
+        headers = (
+            {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, ServerBusy) else None
+        )
+        return JSONResponse(_error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers)
 
-async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    if (renderer := _renderer_for(request)) is not None:
-        return renderer.gateway_error(exc)
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, ServerBusy) else None
-    return JSONResponse(_error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers)
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if (renderer := self.renderer_for(request)) is not None:
+            error = GatewayError(str(exc.detail))
+            error.http_status = exc.status_code
+            error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+            response = renderer.gateway_error(error)
+            response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+            return response
+        return await http_exception_handler(request, exc)
 
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    if (renderer := _renderer_for(request)) is not None:
-        error = GatewayError(str(exc.detail))
-        error.http_status = exc.status_code
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        response = renderer.gateway_error(error)
-        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
-        return response
-    return await http_exception_handler(request, exc)
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    if (renderer := _renderer_for(request)) is not None:
-        return renderer.gateway_error(GatewayError("internal server error"))
-    return JSONResponse(_error_body("internal_error", "internal server error"), status_code=500)
+    async def unexpected_error(self, request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        if (renderer := self.renderer_for(request)) is not None:
+            return renderer.gateway_error(GatewayError("internal server error"))
+        return JSONResponse(_error_body("internal_error", "internal server error"), status_code=500)
 
 
 class _GatewayApp(FastAPI):
@@ -226,22 +225,27 @@ class _GatewayApp(FastAPI):
     500 handler, so the response to an unexpected failure is counted and carries its id too."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestId(HttpMetrics(super().build_middleware_stack(), self.state.metrics))
+        return RequestId(HttpMetrics(super().build_middleware_stack(), services_of(self).metrics))
 
 
 def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAPI:
     """Build the app. `engine` injects a ready-built engine (tests); otherwise the lifespan loads one."""
+    storage = SqlStorage(make_session_factory())  # bound by the lifespan, once the database is open
+    model = ModelSlot()
+    # Role-play: accounts and conversations; the lifespan runs the idle-guest sweeper.
+    roleplay = RoleplayService(
+        storage,
+        model.get,
+        max_reply_tokens=settings.roleplay_max_reply_tokens,
+        max_avatar_bytes=settings.roleplay_max_avatar_bytes,
+    )
     app = _GatewayApp(
         title="rwkv-gateway",
         version=__version__,
         summary="One RWKV model behind the OpenAI, wenxinworkshop, ChatGLM, role-play and Task APIs.",
-        lifespan=lifespan,
+        lifespan=functools.partial(_lifespan, injected=engine, storage=storage, guests=roleplay.guests),
     )
-    app.state.settings = settings
-    app.state.injected_engine = engine
-    app.state.engine = None
-    # Per app, never the global registry: figures of one app (tests build many) stay its own.
-    app.state.metrics = GatewayMetrics(lambda: app.state.engine, queue_size=settings.queue_size)
+    app.state.services = _build_services(settings, model, storage, roleplay)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(tasks_router.router)  # /v1/tasks/* before the OpenAI /v1/* routes
@@ -261,14 +265,16 @@ def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAP
     )
     # The optional static UI (mounted after every API route).
     roleplay_router.install(app, settings)
-    app.state.error_renderers = [
-        *tasks_router.error_scopes(),
-        *wenxin_router.error_scopes(),
-        *glm_router.error_scopes(),
-        *roleplay_router.error_scopes(),
-        ("/v1/", OpenAIErrors()),
-    ]
-    app.add_exception_handler(GatewayError, _gateway_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    pages = _ErrorPages(
+        [
+            *tasks_router.error_scopes(),
+            *wenxin_router.error_scopes(),
+            *glm_router.error_scopes(),
+            *roleplay_router.error_scopes(),
+            ("/v1/", OpenAIErrors()),
+        ]
+    )
+    app.add_exception_handler(GatewayError, pages.gateway_error)
+    app.add_exception_handler(StarletteHTTPException, pages.http_error)
+    app.add_exception_handler(Exception, pages.unexpected_error)
     return app

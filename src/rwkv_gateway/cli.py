@@ -99,7 +99,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP server (migrates the database first; loads the model in the background)."""
-    from rwkv_gateway.app import create_app
+    from rwkv_gateway.app import create_app, services_of
     from rwkv_gateway.engine.hub import is_hub_spec
     from rwkv_gateway.engine.loader import preflight
     from rwkv_gateway.engine.runtime import resolve_model_path
@@ -140,10 +140,11 @@ def serve(
     def on_load_failure() -> None:
         server.should_exit = True
 
-    fastapi_app.state.on_load_failure = on_load_failure
+    slot = services_of(fastapi_app).model
+    slot.on_load_failure = on_load_failure
     server.run()
-    if getattr(fastapi_app.state, "load_error", None):
-        _fail(str(fastapi_app.state.load_error), code=1)
+    if slot.load_error:
+        _fail(slot.load_error, code=1)
 
 
 def _pull(spec: str) -> Path:

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
-from rwkv_gateway.app import end_generation
+from rwkv_gateway.app import end_generation, services_of
 from rwkv_gateway.settings import Settings
 
 #: After the drain deadline ends the engine's streams, how long their connections get to write the
@@ -29,7 +29,7 @@ DRAIN_GRACE_S = 5.0
 
 
 class GracefulServer(uvicorn.Server):
-    """Drain on SIGTERM/SIGINT: readiness turns 503 at once (`app.state.draining`), uvicorn stops
+    """Drain on SIGTERM/SIGINT: readiness turns 503 at once (the model slot's `draining`), uvicorn stops
     accepting and waits for the open connections; at `drain_timeout_s` whatever still generates is
     ended in-band (`end_generation`), then the lifespan tears down (Task API runs record their
     state, the engine stops, the database closes) and the process exits 0.
@@ -40,13 +40,14 @@ class GracefulServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         # Before the main loop's next tick closes the sockets: a probe on a kept-alive connection
         # already sees 503.
-        cast("FastAPI", self.config.app).state.draining = True
+        services_of(cast("FastAPI", self.config.app)).model.draining = True
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         app = cast("FastAPI", self.config.app)
-        app.state.draining = True
-        settings: Settings = app.state.settings
+        services = services_of(app)
+        services.model.draining = True
+        settings = services.settings
 
         async def deadline() -> None:
             await asyncio.sleep(settings.drain_timeout_s)

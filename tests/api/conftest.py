@@ -29,7 +29,7 @@ class Served:
 
     @property
     def model(self) -> str:
-        return str(self.app.state.engine.info.name)
+        return str(self.app.state.services.model.engine.info.name)
 
 
 ServeFactory = Callable[..., Awaitable[Served]]
@@ -46,7 +46,7 @@ async def serve(tmp_path: Path, v7_path: Path) -> AsyncIterator[ServeFactory]:
             settings = Settings(model=v7_path, data_dir=tmp_path / f"data{next(counter)}", **overrides)
             app = create_app(settings)
             await stack.enter_async_context(app.router.lifespan_context(app))
-            await asyncio.wait_for(app.state.model_ready.wait(), 60)
+            await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
             # Unhandled exceptions become the 500 response a real server would send, not a raise here.
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             client = await stack.enter_async_context(

@@ -48,7 +48,7 @@ async def test_readyz_is_503_until_the_model_is_loaded(
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
         assert loading.headers["retry-after"]
         release.set()
-        await asyncio.wait_for(app.state.model_ready.wait(), 60)
+        await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
         ready = await client.get("/readyz")
         assert ready.status_code == 200
         body = ready.json()
@@ -63,7 +63,7 @@ async def test_load_failure_is_reported_not_crashed(tmp_path: Path) -> None:
     app = create_app(Settings(model=garbage, data_dir=tmp_path / "data"))
     async for client in started(app):
         for _ in range(200):
-            if app.state.load_error:
+            if app.state.services.model.load_error:
                 break
             await asyncio.sleep(0.02)
         resp = await client.get("/readyz")
@@ -75,8 +75,8 @@ async def test_load_failure_is_reported_not_crashed(tmp_path: Path) -> None:
 async def test_every_generation_writes_one_request_log_row(settings: Settings) -> None:
     app = create_app(settings)
     async for _client in started(app):
-        await asyncio.wait_for(app.state.model_ready.wait(), 60)
-        engine = app.state.engine
+        await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
+        engine = app.state.services.model.engine
         greedy = SamplingParams(temperature=0)
         for i in range(3):
             stream = await engine.submit(
@@ -88,8 +88,8 @@ async def test_every_generation_writes_one_request_log_row(settings: Settings) -
         cancelled = await engine.submit(GenerationRequest(prompt="bye", max_tokens=500, dialect="test"))
         cancelled.cancel()
         await cancelled.collect()
-        await app.state.request_logger.flush()
-        async with app.state.sessions() as session:
+        await app.state.services.request_log.flush()
+        async with app.state.services.storage.sessions() as session:
             rows = await RequestLogRepo(session).recent(10)
     assert len(rows) == 4
     by_user = {r.user: r for r in rows}

@@ -120,7 +120,7 @@ def state_files(served: Served) -> list[str]:
 
 
 async def wenxin_token(served: Served) -> str:
-    created = await served.app.state.credentials.create("baidu", "hostile")
+    created = await served.app.state.services.credentials.create("baidu", "hostile")
     resp = await served.client.post(
         f"/oauth/2.0/token?grant_type=client_credentials&client_id={created.api_key}"
         f"&client_secret={created.secret_key}",
@@ -135,7 +135,7 @@ async def test_hostile_json_is_refused_in_the_envelope_and_nothing_is_stored(
 ) -> None:
     served = await serve(max_body_bytes=LIMIT, max_new_tokens=MAX_NEW)
     d = next(x for x in dialects(served.model, await wenxin_token(served)) if x.name == dialect)
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
     before, files = db_counts(served), state_files(served)
     requests_before = engine.stats()["requests"]
     refused = 0
@@ -347,7 +347,7 @@ async def test_every_roleplay_route_refuses_other_users_and_replayed_tokens(
 ) -> None:
     served = await serve(roleplay_max_reply_tokens=4)
     c = served.client
-    users = served.app.state.roleplay_users
+    users = served.app.state.services.users
     await users.add("anna", "pw-anna-1")
     await users.add("ben", "pw-ben-12")
 
@@ -380,12 +380,12 @@ async def test_every_roleplay_route_refuses_other_users_and_replayed_tokens(
     assert chat["chat"][-1][0] == "秘密"
 
     # OpenAI keys: a revoked key is refused on the OpenAI and the Task API routes at once.
-    created = await served.app.state.credentials.create("openai", "to-revoke")
-    served.app.state.openai_keys_cache = None  # the short cache of "are there keys?"
+    created = await served.app.state.services.credentials.create("openai", "to-revoke")
+    served.app.state.services.openai_keys.forget()  # the short cache of "are there keys?"
     auth = {"authorization": f"Bearer {created.api_key}"}
     assert (await c.get("/v1/models", headers=auth)).status_code == 200
     assert (await c.get("/v1/tasks/list", headers=auth)).status_code == 200
-    assert await served.app.state.credentials.revoke(created.api_key)
+    assert await served.app.state.services.credentials.revoke(created.api_key)
     resp = await c.get("/v1/models", headers=auth)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", resp.text
     resp = await c.post(

@@ -104,7 +104,7 @@ async def test_counters_and_histograms_follow_openai_requests(served: Served) ->
     assert stopped["choices"][0]["finish_reason"] == "stop"
     results.append((stopped["usage"], "stop"))
 
-    await idle(served.app.state.engine)
+    await idle(served.app.state.services.model.engine)
     after = await scrape(client)
     prompt = sum(u["prompt_tokens"] for u, _ in results)
     generated = sum(u["completion_tokens"] for u, _ in results)
@@ -157,7 +157,7 @@ async def test_engine_and_state_cache_figures_are_the_engines(served: Served) ->
     }
     for _ in range(2):
         assert (await client.post(CHAT, json=chat)).status_code == 200
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
     await idle(engine)
     samples = await scrape(client)
     stats = engine.stats()

@@ -358,7 +358,7 @@ async def test_unknown_fields_and_sillytavern_extensions_are_accepted(served: Se
 
 async def test_queue_full_is_503_with_retry_after(serve: ServeFactory, full_queue: FullQueue) -> None:
     served = await serve(queue_size=1, max_batch_size=1)
-    async with full_queue(served.app.state.engine):
+    async with full_queue(served.app.state.services.model.engine):
         resp = await served.client.post(CHAT, json=chat_body())
         error = assert_envelope(resp, 503, code="overloaded")
         assert int(resp.headers["retry-after"]) >= 1
@@ -608,8 +608,8 @@ async def test_openai_requests_are_logged(served: Served) -> None:
     assert (await client.post(CHAT, json=chat_body(max_tokens=3, user="alice"))).status_code == 200
     assert (await client.post(CHAT, json=chat_body(max_tokens=3, stream=True))).status_code == 200
     assert (await client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 3})).status_code == 200
-    await served.app.state.request_logger.flush()
-    async with served.app.state.sessions() as session:
+    await served.app.state.services.request_log.flush()
+    async with served.app.state.services.storage.sessions() as session:
         rows = await RequestLogRepo(session).recent(20, dialect="openai")
     assert len(rows) == 3
     assert all(r.dialect == "openai" and r.prompt_tokens > 0 for r in rows)

@@ -18,7 +18,7 @@ QUESTIONS = [f"Question {i}: what is {i} times {i + 1}?" for i in range(10)]
 async def idle(served: Served) -> None:
     # The reply's follow-up prefill runs after the response is sent; a human types slower than that.
     for _ in range(500):
-        if served.app.state.engine.stats()["active_sequences"] == 0:
+        if served.app.state.services.model.engine.stats()["active_sequences"] == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -62,7 +62,7 @@ async def test_ten_turns_prefill_only_new_tokens_and_match_the_uncached_text(
         new_turn = template.segments([ChatMessage("user", QUESTIONS[turn])])
         expected_new = sum(len(tokenizer.encode(piece)) for piece in new_turn)
         assert prefilled == expected_new, (turn, usage)
-    stats = cached.app.state.engine.stats()
+    stats = cached.app.state.services.model.engine.stats()
     assert stats["cached_tokens"] > 0 and stats["followup_tokens"] > 0
 
 

@@ -135,7 +135,7 @@ async def test_unexpected_failure_is_logged_with_the_id_and_answered_with_it(ser
     assert record["message"] == "unhandled error on GET /test-only/boom"
     assert "RuntimeError: kaboom" in record["exc_info"]
     # The failure is counted under its route, with the status the client got.
-    metrics = served.app.state.metrics.registry
+    metrics = served.app.state.services.metrics.registry
     labels = {"route": "/test-only/boom", "method": "GET", "status": "500"}
     assert metrics.get_sample_value("rwkv_gateway_http_requests_total", labels) == 1
 

@@ -54,7 +54,7 @@ async def app_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[AppFactory
             settings = Settings(model=v7_path, data_dir=tmp_path / f"data{next(counter)}", **overrides)
             app = create_app(settings)
             await stack.enter_async_context(app.router.lifespan_context(app))
-            await asyncio.wait_for(app.state.model_ready.wait(), 60)
+            await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)

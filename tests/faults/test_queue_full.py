@@ -29,10 +29,10 @@ async def test_every_dialect_answers_a_full_queue_in_its_own_format(
 ) -> None:
     app = await app_factory(queue_size=1, max_batch_size=1, roleplay_max_reply_tokens=4)
     c = app.client
-    engine = app.app.state.engine
+    engine = app.app.state.services.model.engine
     model = engine.info.name
     # Accounts first (a Baidu token, a role-play guest with an opened chat), while the engine is free.
-    created = await app.app.state.credentials.create("baidu", "faults")
+    created = await app.app.state.services.credentials.create("baidu", "faults")
     token_url = (
         f"/oauth/2.0/token?grant_type=client_credentials&client_id={created.api_key}"
         f"&client_secret={created.secret_key}"

@@ -37,7 +37,7 @@ async def test_200_concurrent_write_transactions(
         *(post("/characters/save", {**a, **CARD, "bot": f"角色{i}"}) for i, a in enumerate(auths))
     )
     for i in range(20):
-        await app.app.state.roleplay_users.add(f"member{i}", "pw-123456")
+        await app.app.state.services.users.add(f"member{i}", "pw-123456")
 
     def mixed(i: int) -> Any:
         a = auths[i]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+
+from rwkv_gateway.api.common.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -17,13 +19,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(request: Request) -> JSONResponse | dict[str, Any]:
+async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
     """503 until the model is loaded (or while draining); then the model and engine load figures."""
-    state = request.app.state
-    engine = getattr(state, "engine", None)
-    if engine is None or getattr(state, "draining", False):
+    model = services.model
+    engine = model.engine
+    if engine is None or model.draining:
         body: dict[str, Any] = {"status": "draining" if engine is not None else "loading"}
-        error = getattr(state, "load_error", None)
+        error = model.load_error
         if error:
             body = {"status": "failed", "error": error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

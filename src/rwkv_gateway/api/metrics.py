@@ -12,17 +12,17 @@ import time
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rwkv_gateway.api.common.deps import ServicesDep
 from rwkv_gateway.services.metrics import GatewayMetrics
 
 router = APIRouter(tags=["observability"])
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, services: ServicesDep) -> Response:
     """Prometheus metrics: engine queue and batch, per-dialect tokens, latencies and finish reasons,
     state cache, model load time, HTTP responses by route and status (OpenMetrics on request)."""
-    registry: GatewayMetrics = request.app.state.metrics
-    body, content_type = registry.render(request.headers.get("accept", ""))
+    body, content_type = services.metrics.render(request.headers.get("accept", ""))
     return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})
 
 

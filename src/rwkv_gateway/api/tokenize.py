@@ -18,8 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from rwkv_gateway.api.common.auth import openai_key
-from rwkv_gateway.api.common.deps import get_engine, get_settings
+from rwkv_gateway.api.common.deps import get_services
 from rwkv_gateway.api.common.errors import BodyTooLarge
 from rwkv_gateway.api.glm import serving as glm_serving
 from rwkv_gateway.api.glm.errors import GLMErrors
@@ -46,7 +45,7 @@ async def _glm_tokenize(request: Request, raw: bytes | BodyTooLarge) -> Response
         if isinstance(raw, BodyTooLarge):
             raise raw
         body = parse_body(raw, GLMTokenizeRequest)
-        engine = get_engine(request)
+        engine = get_services(request).model.get()
         # A long prompt takes a while to tokenize: off the event loop.
         response: Response = JSONResponse(await asyncio.to_thread(glm_serving.tokenize, engine, body))
     except GatewayError as exc:
@@ -72,13 +71,14 @@ async def tokenize(request: Request) -> Response | dict[str, Any]:
     if not wants_vllm_shape(payload):
         return await _glm_tokenize(request, raw)
     try:
-        engine = get_engine(request)
-        settings = get_settings(request)
+        services = get_services(request)
+        engine = services.model.get()
+        settings = services.settings
         try:
             body = TokenizeRequest.model_validate(payload)
         except ValidationError as exc:
             return _openai_errors.validation_error(RequestValidationError(exc.errors()))
-        await openai_key(request)
+        await services.openai_keys.check(request.headers.get("authorization", ""))
         return await vllm_tokenize(body, engine, settings)
     except GatewayError as exc:
         return _openai_errors.gateway_error(exc)

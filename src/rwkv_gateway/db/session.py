@@ -121,11 +121,21 @@ def create_db_engine(
     return engine
 
 
-def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def make_session_factory(engine: AsyncEngine | None = None) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded attributes after commit, so results stay usable once a short session
-    ends; on SQLite they begin IMMEDIATE (see the module docstring)."""
+    ends; on SQLite they begin IMMEDIATE (see the module docstring). Without `engine` the factory is
+    unbound until `bind_session_factory` (the app builds its services before its lifespan opens the
+    database)."""
+    factory: async_sessionmaker[AsyncSession] = async_sessionmaker(expire_on_commit=False)
+    if engine is not None:
+        bind_session_factory(factory, engine)
+    return factory
+
+
+def bind_session_factory(factory: async_sessionmaker[AsyncSession], engine: AsyncEngine) -> None:
+    """Make `factory`'s sessions use `engine` (BEGIN IMMEDIATE on SQLite)."""
     bind = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) if is_sqlite(engine.url) else engine
-    return async_sessionmaker(bind, expire_on_commit=False)
+    factory.configure(bind=bind)
 
 
 class SqlStorage:

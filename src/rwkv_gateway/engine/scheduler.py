@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rwkv_gateway.domain.engine import ModelInfo
+from rwkv_gateway.domain.engine import ModelInfo, TokenStream
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, RequestRecord, TextDelta, Usage
 from rwkv_gateway.engine import prefix_cache
 from rwkv_gateway.engine.admission import EngineConfig, live_slots, prepare
@@ -187,10 +187,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    async def submit(self, request: GenerationRequest) -> TokenStream:
         return (await self.submit_many([request]))[0]
 
-    async def submit_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationStream]:
+    async def submit_many(self, requests: Sequence[GenerationRequest]) -> list[TokenStream]:
         """Admit several requests together (the choices of one client request): all or none.
 
         The queue bound counts waiting sequences, but an idle queue always takes a whole group, so a

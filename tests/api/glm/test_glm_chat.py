@@ -32,7 +32,7 @@ def formatted_tokens(tokenizer: Tokenizer, pieces: tuple[str, ...]) -> int:
 async def idle(served: Served) -> None:
     # The reply's follow-up prefill runs after the response is sent.
     for _ in range(500):
-        if served.app.state.engine.stats()["active_sequences"] == 0:
+        if served.app.state.services.model.engine.stats()["active_sequences"] == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -127,7 +127,7 @@ async def test_keep_alive_pings_are_comments_in_the_reference_format(
 
 
 async def test_history_forms_give_the_same_prompt_and_reply(served: Served, tokenizer: Tokenizer) -> None:
-    spy = Spy(served.app.state.engine)
+    spy = Spy(served.app.state.services.model.engine)
     base = {"prompt": "And now?", "temperature": 0, "max_length": 60}
     pairs = await chat(served, **base, history=[["q1", "a1"], ["q2", "a2"]])
     pairs_segments = spy.last.prompt_segments
@@ -155,7 +155,7 @@ async def test_missing_and_null_fields_take_the_reference_defaults(
 ) -> None:
     # The reply budget is capped by the server so the random model does not write 4000 tokens.
     served = await serve(max_new_tokens=6)
-    spy = Spy(served.app.state.engine)
+    spy = Spy(served.app.state.services.model.engine)
     expected = segments(("user", "Hi"))
     for body in (
         {"prompt": "Hi"},
@@ -194,7 +194,7 @@ async def test_a_body_is_json_whatever_its_content_type(served: Served) -> None:
 
 async def test_max_length_bounds_prompt_plus_reply(serve: ServeFactory, tokenizer: Tokenizer) -> None:
     served = await serve(max_new_tokens=20)
-    spy = Spy(served.app.state.engine)
+    spy = Spy(served.app.state.services.model.engine)
     history = [["What is two plus two?", "Four."]]
     pieces = segments(("user", "What is two plus two?"), ("assistant", "Four."), ("user", "And three?"))
     n = formatted_tokens(tokenizer, pieces)
@@ -222,7 +222,7 @@ async def test_max_length_bounds_prompt_plus_reply(serve: ServeFactory, tokenize
 
 
 async def test_greedy_reply_is_deterministic_and_sampling_knobs_apply(served: Served) -> None:
-    spy = Spy(served.app.state.engine)
+    spy = Spy(served.app.state.services.model.engine)
     first = await chat(served, prompt="Tell me a story.", temperature=0, max_length=40)
     second = await chat(served, prompt="Tell me a story.", temperature=0, max_length=40)
     assert first == second
@@ -231,7 +231,7 @@ async def test_greedy_reply_is_deterministic_and_sampling_knobs_apply(served: Se
 
 
 async def test_multi_turn_requests_prefill_only_the_new_turn(served: Served, tokenizer: Tokenizer) -> None:
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
     questions = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
     history: list[list[str]] = []
     pairs: list[tuple[str, str]] = []
@@ -263,8 +263,8 @@ async def test_multi_turn_requests_prefill_only_the_new_turn(served: Served, tok
 async def test_chat_requests_are_logged_as_glm(served: Served) -> None:
     await chat(served, prompt="Hi", temperature=0, max_length=20)
     await stream_chat(served.client, {"prompt": "Hi", "temperature": 0, "max_length": 20})
-    await served.app.state.request_logger.flush()
-    async with served.app.state.sessions() as session:
+    await served.app.state.services.request_log.flush()
+    async with served.app.state.services.storage.sessions() as session:
         rows = await RequestLogRepo(session).recent(10, dialect="glm")
     assert len(rows) == 2
     assert all(r.prompt_tokens > 0 for r in rows)

@@ -164,7 +164,7 @@ async def test_queue_full_is_503_server_busy_with_retry_after(
     serve: ServeFactory, full_queue: FullQueue
 ) -> None:
     served = await serve(queue_size=1, max_batch_size=1)
-    async with full_queue(served.app.state.engine):
+    async with full_queue(served.app.state.services.model.engine):
         for path, body in [
             ("/chat", {"prompt": "Hi"}),
             ("/chat-stream", {"prompt": "Hi"}),
@@ -186,7 +186,7 @@ async def test_model_not_loaded_is_503_with_retry_after(
     monkeypatch.setattr(runtime, "load", fail)
     app = create_app(Settings(model=v7_path, data_dir=tmp_path / "data"))
     failed = asyncio.Event()
-    app.state.on_load_failure = failed.set
+    app.state.services.model.on_load_failure = failed.set
     async with app.router.lifespan_context(app):
         await asyncio.wait_for(failed.wait(), 60)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -242,7 +242,7 @@ async def test_engine_failure_is_500_json_before_the_stream_and_a_comment_after(
 async def test_unexpected_failure_is_500_in_the_glm_shape(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
 
     async def broken_embed(inputs: Any) -> Any:  # fault injection: a bug below the route
         raise RuntimeError("boom")
@@ -253,7 +253,7 @@ async def test_unexpected_failure_is_500_in_the_glm_shape(
 
 
 async def test_a_stream_closed_by_its_client_cancels_the_engine_stream(served: Served) -> None:
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
     job = serving.GLMChat(
         engine, served.settings, GLMChatRequest(prompt="Hi", temperature=0, max_length=4000)
     )

@@ -102,7 +102,7 @@ async def test_embedding_matches_v1_embeddings_and_is_normalised(served: Served)
     assert body["object"] == "embedding" and body["model"] == served.model
     vectors = body["data"]
     assert len(vectors) == len(texts)
-    width = served.app.state.engine.info.n_embd
+    width = served.app.state.services.model.engine.info.n_embd
     for vector in vectors:
         assert len(vector) == width and all(isinstance(x, float) for x in vector)
         assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, rel_tol=1e-6)

@@ -64,7 +64,7 @@ class RP:
         return {"user_name": data["user_name"], "token": data["token"]}
 
     async def user(self, name: str, password: str = "pw-123456") -> dict[str, str]:
-        await self.app.state.roleplay_users.add(name, password)
+        await self.app.state.services.users.add(name, password)
         data = await self.ok("/login", {"user_name": name, "password": password, "token": "null"})
         return {"user_name": data["user_name"], "token": data["token"]}
 
@@ -83,7 +83,7 @@ async def rp_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[Factory]:
         app = create_app(settings)
         stack = contextlib.AsyncExitStack()
         await stack.enter_async_context(app.router.lifespan_context(app))
-        await asyncio.wait_for(app.state.model_ready.wait(), 60)
+        await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         client = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)

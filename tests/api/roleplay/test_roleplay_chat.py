@@ -134,7 +134,7 @@ def test_sampling_mapping() -> None:
 
 
 async def test_replies_ban_the_punctuation_just_consumed(rp: RP, monkeypatch: Any) -> None:
-    engine = rp.app.state.engine
+    engine = rp.app.state.services.model.engine
     seen: list[GenerationRequest] = []
     real_submit = engine.submit
 
@@ -162,7 +162,7 @@ async def test_replies_ban_the_punctuation_just_consumed(rp: RP, monkeypatch: An
 
 async def _expected_greedy(rp: RP, prefix_parts: list[str], max_tokens: int) -> list[str]:
     """Greedy reply texts computed on the engine directly: each part fed from the previous state."""
-    engine = rp.app.state.engine
+    engine = rp.app.state.services.model.engine
     state = None
     for part in prefix_parts:
         s = await engine.submit(
@@ -244,7 +244,7 @@ async def _reply(rp: RP, c: dict[str, str], prompt: str, sampling: dict[str, str
 async def test_state_correctness_after_resay_tamper_and_back(rp: RP) -> None:
     """Replies continue from per-node snapshots: after replies, a (sampled) resay, a tamper and a
     back, greedy replies equal those of a fresh conversation given the same transcript."""
-    engine = rp.app.state.engine
+    engine = rp.app.state.services.model.engine
     me = await rp.guest()
     c = {**me, "character_name": "小雪"}
     await rp.ok("/characters/save", {**me, **CARD})
@@ -296,9 +296,11 @@ async def test_reset_and_back_to_the_greeting(rp: RP) -> None:
     assert await rp.ok("/debug/token", c) == greeting_state
     assert (await rp.raw("/chat/resay", {**c, **GREEDY})).content == env("尚未开始对话", 400)
     assert await _reply(rp, c, "你好") == r1
-    before = rp.app.state.engine.stats()["prompt_tokens"]
+    before = rp.app.state.services.model.engine.stats()["prompt_tokens"]
     assert await rp.ok("/chat/reset", c) == first
-    assert rp.app.state.engine.stats()["prompt_tokens"] == before  # the persona state is reused
+    assert (
+        rp.app.state.services.model.engine.stats()["prompt_tokens"] == before
+    )  # the persona state is reused
     assert await rp.ok("/debug/token", c) == greeting_state
 
 
@@ -319,12 +321,12 @@ async def test_restart_continues_identically(rp_factory: Factory, tmp_path: Any)
     again = await rp_factory(data_dir=data_dir)
     assert await again.ok("/characters/load", c) == chat  # the token survives too
     assert await again.ok("/debug/token", c) == debug
-    before = again.app.state.engine.stats()["prompt_tokens"]
+    before = again.app.state.services.model.engine.stats()["prompt_tokens"]
     assert await _reply(again, c, "第三句") == r3
     # Continued from the persisted snapshot: only the new turn was prefilled.
     turn = user_turn(card_text_of({**await again.ok("/characters/get", c), "use_qa": ""}), "第三句")
-    assert again.app.state.engine.stats()["prompt_tokens"] - before == len(
-        again.app.state.engine.codec.encode(turn)
+    assert again.app.state.services.model.engine.stats()["prompt_tokens"] - before == len(
+        again.app.state.services.model.engine.codec.encode(turn)
     )
 
 
@@ -352,8 +354,8 @@ async def test_one_reply_at_a_time(rp: RP) -> None:
     me = await rp.guest()
     c = {**me, "character_name": "星野"}
     await rp.ok("/characters/load", c)
-    service = rp.app.state.roleplay
-    account = await rp.app.state.roleplay_users.authenticate(me["user_name"], me["token"])
+    service = rp.app.state.services.roleplay
+    account = await rp.app.state.services.users.authenticate(me["user_name"], me["token"])
     job = await service.reply(account, "星野", "你好", sampling_params(temperature=0))
     busy = env("角色正在回复中，请稍后再试", 400)
     assert (await rp.raw("/chat/reply", {**c, "prompt": "又来", **GREEDY})).content == busy
@@ -435,14 +437,14 @@ async def test_idle_guests_are_removed(rp: RP) -> None:
     fresh = await rp.guest()
     await rp.ok("/characters/load", {**old, "character_name": "星野"})
     await _reply(rp, {**old, "character_name": "星野"}, "你好")
-    async with rp.app.state.sessions() as session:
+    async with rp.app.state.services.storage.sessions() as session:
         await session.execute(
             update(User)
             .where(User.name == old["user_name"])
             .values(last_seen_at=utcnow() - timedelta(hours=25))
         )
         await session.commit()
-    assert await rp.app.state.roleplay.guests.sweep(rp.settings.roleplay_guest_ttl_s) == 1
+    assert await rp.app.state.services.roleplay.guests.sweep(rp.settings.roleplay_guest_ttl_s) == 1
     assert (await rp.raw("/characters/list", old)).content == env("用户不存在", 400)
     await rp.ok("/characters/list", fresh)
 
@@ -493,16 +495,16 @@ async def test_lost_snapshots_are_rebuilt_from_the_text(rp: RP) -> None:
     await _reply(rp, c, "第一句")
     await _reply(rp, c, "第二句")
     debug = await rp.ok("/debug/token", c)
-    async with rp.app.state.sessions() as session:
+    async with rp.app.state.services.storage.sessions() as session:
         keys = (await session.scalars(select(ConversationNode.state_key))).all()
-    store = rp.app.state.engine.snapshots
+    store = rp.app.state.services.model.engine.snapshots
     for key in keys:
         if key is not None:
             store.delete(key)  # persona and node states alike
-    before = rp.app.state.engine.stats()["prompt_tokens"]
+    before = rp.app.state.services.model.engine.stats()["prompt_tokens"]
     await rp.ok("/chat/resay", {**c, **GREEDY, "stream": "0"})
     # The persona, the greeting row and the first turn were prefilled again from their text.
-    rebuilt = rp.app.state.engine.stats()["prompt_tokens"] - before
+    rebuilt = rp.app.state.services.model.engine.stats()["prompt_tokens"] - before
     assert rebuilt >= debug["token_count"] - 2 * REPLY_TOKENS
     assert (await rp.ok("/debug/token", c))["token_state"].startswith(debug["token_state"][:-20])
     await rp.ok("/chat/back", {**c, "log_index": "1"})
@@ -523,7 +525,7 @@ async def test_editing_a_character_resets_its_chat(rp: RP) -> None:
     # An empty greeting gives an empty history.
     me2 = await rp.guest()
     await rp.ok("/characters/save", {**me2, **CARD, "greeting": "开场"})
-    async with rp.app.state.sessions() as session:
+    async with rp.app.state.services.storage.sessions() as session:
         # The API refuses an empty greeting; an imported card may have none.
         await session.execute(update(Character).where(Character.greeting == "开场").values(greeting=""))
         await session.commit()

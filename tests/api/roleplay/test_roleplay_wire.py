@@ -29,7 +29,7 @@ async def test_error_envelope_bytes(rp: RP) -> None:
 
 
 async def test_login_messages_in_order(rp: RP) -> None:
-    await rp.app.state.roleplay_users.add("sbin", "123456")
+    await rp.app.state.services.users.add("sbin", "123456")
     assert (await rp.raw("/login", {"token": "null"})).content == env("缺少关键参数", 400)
     assert (await rp.raw("/login", {"user_name": "sbin", "password": ""})).content == env("缺少关键参数", 400)
     assert (await rp.raw("/login", {"user_name": "nobody", "password": "x"})).content == env(
@@ -162,7 +162,7 @@ async def test_chat_preconditions(rp: RP) -> None:
     await rp.ok("/chat/back", {**c, "log_index": "1.0"})
     debug = await rp.ok("/debug/token", c)
     assert debug["token_state"].endswith(f"星野: {greeting}\n\n")
-    assert debug["token_count"] == len(rp.app.state.engine.codec.encode(debug["token_state"]))
+    assert debug["token_count"] == len(rp.app.state.services.model.engine.codec.encode(debug["token_state"]))
 
 
 async def test_persona_block_text(rp: RP) -> None:
@@ -260,7 +260,7 @@ async def test_users_service_and_legacy_import(rp: RP, tmp_path: Path) -> None:
     (legacy / "chars" / "小雪.json").write_text(
         json.dumps({k: v for k, v in CARD.items() if k != "use_qa"} | {"use_qa": False}, ensure_ascii=False)
     )
-    users: UserService = rp.app.state.roleplay_users
+    users: UserService = rp.app.state.services.users
     names, n_chars = await users.import_legacy(legacy)
     assert (names, n_chars) == (["sbin"], 1)
     data = await rp.ok("/login", {"user_name": "sbin", "password": "123456"})

@@ -27,7 +27,7 @@ def app_on(v7_path: Path) -> RestartFactory:
         settings = Settings(**{"model": v7_path, "data_dir": data_dir, **overrides})
         app = create_app(settings)
         async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.model_ready.wait(), 60)
+            await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
                 yield Served(app, client, settings)

@@ -112,7 +112,7 @@ def streamed_text(text: str) -> str:
 
 async def engine_tokens(served: Served, prompt: str, max_tokens: int) -> tuple[list[int], str]:
     """Greedy generation on the served engine itself: the generated token ids and the text."""
-    engine = served.app.state.engine
+    engine = served.app.state.services.model.engine
     stream = await engine.submit(
         GenerationRequest(
             prompt=prompt,

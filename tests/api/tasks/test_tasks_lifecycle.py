@@ -26,7 +26,7 @@ PROMPT = "Once upon a time"
 
 
 async def task_of(served: Served, task_id: str) -> Any:
-    return await served.app.state.tasks.get(served.app.state.engine, task_id)
+    return await served.app.state.services.tasks.get(served.app.state.services.model.engine, task_id)
 
 
 async def post(served: Served, path: str, **body: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ async def test_fork_and_source_continue_like_a_fresh_task_fed_the_same_tokens(se
     source, first = await generate(client, "create", prompt=PROMPT, max_tokens=6, **GREEDY)
     ids, text = await engine_tokens(served, PROMPT, 6)
     assert first == text
-    codec = served.app.state.engine.codec
+    codec = served.app.state.services.model.engine.codec
     fresh_tokens = codec.encode(PROMPT) + ids + codec.encode(" and then")
     _, fresh = await generate(client, prompt=fresh_tokens, max_tokens=8, **GREEDY)
 
@@ -69,10 +69,10 @@ async def test_forks_never_share_mutable_state(served: Served) -> None:
     src, child = await task_of(served, source), await task_of(served, fork["task_id"])
     # The source still holds the snapshot of the prompt; the fork moved on to its own.
     assert src.state is not None and child.state is not None and src.state is not child.state
-    assert src.state.token_count == len(served.app.state.engine.codec.encode(PROMPT))
+    assert src.state.token_count == len(served.app.state.services.model.engine.codec.encode(PROMPT))
     assert (
         child.state.token_count
-        == src.state.token_count + len(served.app.state.engine.codec.encode(" there")) + 3
+        == src.state.token_count + len(served.app.state.services.model.engine.codec.encode(" there")) + 3
     )
     # Snapshots are immutable: a frozen dataclass; restoring one hands out new tensors.
     live = src.state.restore()
@@ -100,7 +100,7 @@ async def test_continue_with_prompt_starts_a_new_text(served: Served) -> None:
     assert resp["finished"] is False and resp["result"] == ""
     done = await wait_finished(client, task_id)
     ids, _ = await engine_tokens(served, PROMPT, 5)
-    codec = served.app.state.engine.codec
+    codec = served.app.state.services.model.engine.codec
     _, fresh = await generate(
         client, prompt=codec.encode(PROMPT) + ids + codec.encode("\nQ:"), max_tokens=4, **GREEDY
     )
@@ -147,7 +147,7 @@ async def test_stop_keeps_the_text_and_continue_resumes_after_it(served: Served)
     # The engine keeps no state for a stopped request: the generated tokens wait to be fed.
     assert (
         task.state is None
-        and len(task.pending) == len(served.app.state.engine.codec.encode(PROMPT)) + stopped
+        and len(task.pending) == len(served.app.state.services.model.engine.codec.encode(PROMPT)) + stopped
     )
     await post(served, f"/v1/tasks/{task_id}/continue", max_tokens=5)
     after = await wait_finished(client, task_id)
@@ -255,7 +255,7 @@ async def test_a_dropped_creator_stream_stops_the_generation(served: Served) -> 
     from rwkv_gateway.api.tasks.router import _creator_events
     from rwkv_gateway.services.tasks import GenParams, TaskKind
 
-    service, engine = served.app.state.tasks, served.app.state.engine
+    service, engine = served.app.state.services.tasks, served.app.state.services.model.engine
     task = await service.create(engine, TaskKind.TMP, PROMPT, GenParams(max_tokens=4000))
     events = _creator_events(service, task)
     assert set(json.loads(await anext(events))) == {"task_id", "prefill_time"}
@@ -268,7 +268,7 @@ async def test_a_dropped_creator_stream_stops_the_generation(served: Served) -> 
 async def test_a_dropped_subscriber_stops_nothing(served: Served) -> None:
     from rwkv_gateway.api.tasks.router import _subscriber_events
 
-    service = served.app.state.tasks
+    service = served.app.state.services.tasks
     task_id = await create(served.client, prompt=PROMPT, max_tokens=40)
     task = await task_of(served, task_id)
     events = _subscriber_events(service, task, 0)
@@ -296,10 +296,11 @@ async def test_tasks_share_the_engine_with_other_dialects(served: Served) -> Non
     running = await create(client, prompt=PROMPT, max_tokens=4000)
     await wait_status(client, running, 2)
     resp = await client.post(
-        "/v1/completions", json={"model": served.app.state.engine.info.name, "prompt": "Hi", "max_tokens": 3}
+        "/v1/completions",
+        json={"model": served.app.state.services.model.engine.info.name, "prompt": "Hi", "max_tokens": 3},
     )
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
     # The completion was generated in the same batches while the task kept running.
     assert (await client.get(f"/v1/tasks/{running}/status")).json()["status"] == 2
-    assert served.app.state.engine.stats()["active_sequences"] == 1
+    assert served.app.state.services.model.engine.stats()["active_sequences"] == 1
     await post(served, f"/v1/tasks/{running}/stop")

@@ -44,7 +44,7 @@ async def test_tasks_and_templates_survive_a_restart(app_on: RestartFactory, tmp
         gone, _ = await generate(client, "create", prompt="bye", max_tokens=1)
         await post(first, f"/v1/tasks/{gone}/delete")
         ids, _ = await engine_tokens(first, PROMPT, 5)
-        codec = first.app.state.engine.codec
+        codec = first.app.state.services.model.engine.codec
         fork_tokens = codec.encode(PROMPT) + ids + codec.encode(" said")
         _, expected_fork = await generate(client, prompt=fork_tokens, max_tokens=6, **GREEDY)
         _, expected_continue = await generate(client, prompt=PROMPT, max_tokens=9, **GREEDY)
@@ -76,7 +76,9 @@ async def test_tasks_and_templates_survive_a_restart(app_on: RestartFactory, tmp
         assert (await wait_finished(client, task_id))["result"] == expected_continue
         # The stream positions of the saved text are the same pieces as before.
         resp = await client.get(f"/v1/tasks/{template}/stream?pos=2")
-        pieces = (await second.app.state.tasks.get(second.app.state.engine, template)).pieces
+        pieces = (
+            await second.app.state.services.tasks.get(second.app.state.services.model.engine, template)
+        ).pieces
         assert len(pieces) == 5 and "".join(pieces) == text
         assert json.loads(resp.text.split("\n\n")[1][len("data: ") :]) == {"data": "".join(pieces[2:])}
 

@@ -39,7 +39,11 @@ def test_text_whose_tokens_the_deltas_do_not_all_name_is_tokenized_again(tokeniz
 
 
 async def test_forking_a_running_task_copies_what_it_has_generated_so_far(served: Served) -> None:
-    client, service, engine = served.client, served.app.state.tasks, served.app.state.engine
+    client, service, engine = (
+        served.client,
+        served.app.state.services.tasks,
+        served.app.state.services.model.engine,
+    )
     source = await create(client, "create", prompt=PROMPT, max_tokens=4000, **GREEDY)
     await wait_status(client, source, 2)
     child = await service.fork(engine, source, tmp=True, prompt=" B", overrides={"max_tokens": 5})
@@ -63,7 +67,7 @@ async def test_task_routes_say_503_while_the_model_is_not_loaded(tmp_path: Path)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with asyncio.timeout(60):
-            while app.state.load_error is None:  # noqa: ASYNC110 - the loader has no event to wait on
+            while app.state.services.model.load_error is None:  # noqa: ASYNC110 - the loader has no event to wait on
                 await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -78,7 +78,7 @@ async def test_fim_prompt_is_the_reference_layout(served: Served) -> None:
 
 
 async def test_prompt_may_be_token_ids(served: Served) -> None:
-    ids = served.app.state.engine.codec.encode("Hello there")
+    ids = served.app.state.services.model.engine.codec.encode("Hello there")
     _, by_ids = await generate(served.client, prompt=ids, max_tokens=6, **GREEDY)
     _, by_text = await generate(served.client, prompt="Hello there", max_tokens=6, **GREEDY)
     assert by_ids == by_text
@@ -249,7 +249,7 @@ async def test_prompt_rules(served: Served) -> None:
         "/v1/tasks/tmp", {"prompt": [1, True]}
     )
     # Values only the engine can judge come back in the same shape.
-    vocab = served.app.state.engine.info.vocab_size
+    vocab = served.app.state.services.model.engine.info.vocab_size
     assert await detail("/v1/tasks/tmp", {"prompt": [vocab]}) == [("value_error", ["body", "prompt"])]
     assert await detail("/v1/tasks/tmp", {"prompt": ""}) == [("value_error", ["body", "prompt"])]
 
@@ -401,8 +401,8 @@ async def test_unexpected_failures_are_500_details(served: Served, monkeypatch: 
 
 async def test_open_without_keys_and_keyed_once_a_key_exists(served: Served) -> None:
     assert (await served.client.get("/v1/tasks/list")).status_code == 200
-    key = (await served.app.state.credentials.create("openai")).api_key
-    served.app.state.openai_keys_cache = None  # the 5 s cache of "are there keys?"
+    key = (await served.app.state.services.credentials.create("openai")).api_key
+    served.app.state.services.openai_keys.forget()  # the 5 s cache of "are there keys?"
     resp = await served.client.get("/v1/tasks/list")
     assert resp.status_code == 401
     assert resp.json() == {"detail": "Missing API key: send 'Authorization: Bearer <key>'."}

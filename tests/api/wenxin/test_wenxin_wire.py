@@ -5,6 +5,7 @@ stream shapes, greedy output equal to the engine's, the prefix cache across turn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from wenxin_support import CHAT, TOKEN, Wenxin, make_wenxin
 
+from rwkv_gateway.api.common.deps import Services
 from rwkv_gateway.api.wenxin import signature
 from rwkv_gateway.api.wenxin.serving import _SENTENCE_END, MAX_PIECE_CHARS
 from rwkv_gateway.db.repo import RequestLogRepo
@@ -80,7 +82,7 @@ def stream_events(resp: httpx.Response) -> list[dict[str, Any]]:
 async def engine_greedy(wx: Wenxin, messages: list[ChatMessage], max_tokens: int, **sampling: Any) -> str:
     """What the engine itself says for the same chat prompt, submitted directly."""
     template = ChatTemplate()
-    stream = await wx.served.app.state.engine.submit(
+    stream = await wx.served.app.state.services.model.engine.submit(
         GenerationRequest(
             prompt_segments=template.segments(messages),
             sampling=SamplingParams(**{"temperature": 0.0, **sampling}),
@@ -96,7 +98,7 @@ async def engine_greedy(wx: Wenxin, messages: list[ChatMessage], max_tokens: int
 async def idle(wx: Wenxin) -> None:
     # The reply's follow-up prefill runs after the response is sent; a human types slower than that.
     for _ in range(500):
-        if wx.served.app.state.engine.stats()["active_sequences"] == 0:
+        if wx.served.app.state.services.model.engine.stats()["active_sequences"] == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -200,13 +202,15 @@ async def test_missing_unknown_expired_and_revoked_tokens(wx: Wenxin) -> None:
 
     # Expired: the same credentials service, its clock moved past the token's lifetime.
     app = wx.served.app
-    real: CredentialService = app.state.credentials
+    services: Services = app.state.services
+    real = services.credentials
     later = datetime.now(UTC) + timedelta(seconds=2_592_001)
-    app.state.credentials = CredentialService(SqlStorage(app.state.sessions), clock=lambda: later)
+    late = CredentialService(SqlStorage(services.storage.sessions), clock=lambda: later)
+    app.state.services = dataclasses.replace(services, credentials=late)
     try:
         assert_error(await wx.chat(greedy()), 111, contains="Access token expired")
     finally:
-        app.state.credentials = real
+        app.state.services = services
     assert_ok(await wx.chat(greedy(max_output_tokens=1)))
 
     assert await real.revoke(wx.ak)
@@ -270,7 +274,7 @@ async def test_the_iam_header_wins_over_a_valid_token(wx: Wenxin) -> None:
 
 
 async def test_revoked_iam_credentials_are_refused(wx: Wenxin) -> None:
-    assert await wx.served.app.state.credentials.revoke(wx.ak)
+    assert await wx.served.app.state.services.credentials.revoke(wx.ak)
     assert_error(
         await wx.client.post(CHAT, json=greedy(), headers=wx.signed_headers(CHAT, timestamp=now_ts())), 14
     )
@@ -424,23 +428,23 @@ async def test_oversized_body_is_a_baidu_error(serve: ServeFactory) -> None:
 
 async def test_unexpected_failures_and_model_loading_are_baidu_errors(wx: Wenxin) -> None:
     app = wx.served.app
-    real = app.state.credentials
+    services: Services = app.state.services
 
     class Broken:  # fault injection: the credential store blows up
         async def check_access_token(self, token: str) -> None:
             raise RuntimeError("boom")
 
-    app.state.credentials = Broken()
+    app.state.services = dataclasses.replace(services, credentials=Broken())
     try:
         assert_error(await wx.chat(greedy()), 1, contains="Unknown error")
     finally:
-        app.state.credentials = real
-    engine = app.state.engine
-    app.state.engine = None  # as while the model is still loading
+        app.state.services = services
+    engine = app.state.services.model.engine
+    app.state.services.model.engine = None  # as while the model is still loading
     try:
         assert_error(await wx.chat(greedy()), 2, contains="Service temporarily unavailable")
     finally:
-        app.state.engine = engine
+        app.state.services.model.engine = engine
 
 
 # ---------------------------------------------------------------------------- responses
@@ -509,8 +513,8 @@ async def test_client_stop_string(wx: Wenxin) -> None:
 
 async def test_requests_are_logged_with_dialect_and_user(wx: Wenxin) -> None:
     assert_ok(await wx.chat(greedy(user_id="end-user-7", max_output_tokens=2)))
-    await wx.served.app.state.request_logger.flush()
-    async with wx.served.app.state.sessions() as session:
+    await wx.served.app.state.services.request_log.flush()
+    async with wx.served.app.state.services.storage.sessions() as session:
         rows = await RequestLogRepo(session).recent(10, dialect="wenxin")
     assert [(r.user, r.api_key_id, r.completion_tokens) for r in rows] == [
         ("end-user-7", str(wx.credential_id), 2)
@@ -576,7 +580,7 @@ async def test_stream_pieces_split_on_sentence_ends(wx: Wenxin, monkeypatch: pyt
     async def submit(request: GenerationRequest) -> Scripted:
         return Scripted()
 
-    monkeypatch.setattr(wx.served.app.state.engine, "submit", submit)
+    monkeypatch.setattr(wx.served.app.state.services.model.engine, "submit", submit)
     events = stream_events(await wx.chat(greedy(stream=True)))
     assert [e["result"] for e in events] == [
         "\u4f60\u597d\uff01",
@@ -617,7 +621,7 @@ async def test_a_stream_that_ends_without_finishing_says_so(
     async def submit(request: GenerationRequest) -> Truncated:
         return Truncated()
 
-    monkeypatch.setattr(wx.served.app.state.engine, "submit", submit)
+    monkeypatch.setattr(wx.served.app.state.services.model.engine, "submit", submit)
     events = stream_events(await wx.chat(greedy(stream=True)))
     assert events[0]["result"] == "One." and events[0]["is_end"] is False
     assert events[1] == {
@@ -678,7 +682,7 @@ async def test_a_stream_the_server_ends_at_shutdown_is_code_2_which_qianfan_retr
     async def submit(request: GenerationRequest) -> EndedAtShutdown:
         return EndedAtShutdown()
 
-    monkeypatch.setattr(wx.served.app.state.engine, "submit", submit)
+    monkeypatch.setattr(wx.served.app.state.services.model.engine, "submit", submit)
     events = stream_events(await wx.chat(greedy(stream=True)))
     assert events[0]["result"] == "One." and events[0]["is_end"] is False
     assert events[1] == {
@@ -693,7 +697,7 @@ async def test_a_stream_the_server_ends_at_shutdown_is_code_2_which_qianfan_retr
 
 async def test_queue_full_is_336100(serve: ServeFactory, full_queue: FullQueue) -> None:
     wx = await make_wenxin(await serve(queue_size=1, max_batch_size=1))
-    async with full_queue(wx.served.app.state.engine):
+    async with full_queue(wx.served.app.state.services.model.engine):
         for stream in (False, True):
             resp = await wx.chat(greedy(stream=stream))
             assert_error(resp, 336100, contains="try again later")
@@ -711,7 +715,7 @@ async def conversation(wx: Wenxin) -> tuple[list[str], list[int]]:
     history: list[dict[str, str]] = []
     replies: list[str] = []
     prefilled: list[int] = []
-    engine = wx.served.app.state.engine
+    engine = wx.served.app.state.services.model.engine
     for question in QUESTIONS:
         history.append({"role": "user", "content": question})
         before = engine.stats()["prompt_tokens"]
@@ -739,4 +743,4 @@ async def test_multi_turn_prefills_only_the_new_turn(serve: ServeFactory, tokeni
         new_turn = template.segments([ChatMessage("user", question)])
         assert prefilled[turn] == sum(len(tokenizer.encode(p)) for p in new_turn), (turn, prefilled)
         assert plain_prefilled[turn] > prefilled[turn]
-    assert cached.served.app.state.engine.stats()["cached_tokens"] > 0
+    assert cached.served.app.state.services.model.engine.stats()["cached_tokens"] > 0

@@ -67,7 +67,7 @@ class Wenxin:
 
 
 async def make_wenxin(served: Served) -> Wenxin:
-    created = await served.app.state.credentials.create("baidu", "tests")
+    created = await served.app.state.services.credentials.create("baidu", "tests")
     resp = await served.client.post(
         f"{TOKEN}?grant_type=client_credentials&client_id={created.api_key}&client_secret={created.secret_key}",
         json={},

@@ -9,42 +9,40 @@ by the CLI in another process and every request would otherwise ask the database
 from __future__ import annotations
 
 import time
-from typing import Protocol
-
-from fastapi import Request
 
 from rwkv_gateway.errors import Unauthorized
+from rwkv_gateway.services.credentials import CredentialService
 
 _CACHE_SECONDS = 5.0
 
 
-class KeyChecker(Protocol):
-    async def any_active(self, kind: str) -> bool: ...
+class OpenAIKeys:
+    """The key check of one app, with its short cache of "are there keys?"."""
 
-    async def verify_openai_key(self, presented: str) -> object | None: ...
+    def __init__(self, credentials: CredentialService) -> None:
+        self._credentials = credentials
+        self._cached: tuple[float, bool] | None = None
 
+    def forget(self) -> None:
+        """Ask the database again on the next request (tests that make or revoke keys)."""
+        self._cached = None
 
-async def _keys_required(request: Request, checker: KeyChecker) -> bool:
-    state = request.app.state
-    cached: tuple[float, bool] | None = getattr(state, "openai_keys_cache", None)
-    now = time.monotonic()
-    if cached is not None and now - cached[0] < _CACHE_SECONDS:
-        return cached[1]
-    required = await checker.any_active("openai")
-    state.openai_keys_cache = (now, required)
-    return required
+    async def _required(self) -> bool:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < _CACHE_SECONDS:
+            return self._cached[1]
+        required = await self._credentials.any_active("openai")
+        self._cached = (now, required)
+        return required
 
-
-async def openai_key(request: Request) -> str | None:
-    """Dependency: the id of the presented key when keys are configured, else None (open API)."""
-    checker: KeyChecker | None = getattr(request.app.state, "credentials", None)
-    if checker is None or not await _keys_required(request, checker):
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-    info = await checker.verify_openai_key(token.strip())
-    if info is None:
-        raise Unauthorized("Incorrect API key provided.")
-    return str(getattr(info, "id", "") or "") or None
+    async def check(self, authorization: str) -> str | None:
+        """The id of the presented key when keys are configured, else None (open API)."""
+        if not await self._required():
+            return None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        info = await self._credentials.verify_openai_key(token.strip())
+        if info is None:
+            raise Unauthorized("Incorrect API key provided.")
+        return str(info.id)

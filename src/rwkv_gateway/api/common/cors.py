@@ -3,7 +3,8 @@
 Dialects whose browser clients live on other origins own a policy for their paths: the role-play UI
 (docs/roleplay.md#5-cors) and the ChatGLM wrapper's clients (docs/glm.md#7-cors). Every other path
 gets the app-wide `RWKV_GATEWAY_CORS_ORIGINS` policy, or none while that is empty. The policy sits
-outside the routes, so errors raised before or outside a route (413, 404, 405) carry it too.
+outside the routes, so every answer of a path carries it, errors raised outside any route (404, 405)
+included.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class CORSPolicy:
     origins: tuple[str, ...]
     credentials: bool = False
     expose_headers: tuple[str, ...] = ()
-    #: The status of a successful preflight: Starlette answers 200 "OK"; the role-play UI's reference
-    #: answered 204 with no body.
+    #: The status of a successful preflight: Starlette answers 200 "OK"; the role-play paths answer
+    #: 204 with no body, as they always have (docs/roleplay.md#5-cors).
     preflight_status: int = 200
 
 

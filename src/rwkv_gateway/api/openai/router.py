@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from rwkv_gateway.api.common.auth import openai_key
-from rwkv_gateway.api.common.deps import EngineDep, SettingsDep
+from rwkv_gateway.api.common.deps import EngineDep, KeyDep, SettingsDep
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import dialect_route
 from rwkv_gateway.api.openai import serving
@@ -27,7 +26,6 @@ from rwkv_gateway.errors import InvalidParameter
 
 route_class = dialect_route(OpenAIErrors())
 router = APIRouter(prefix="/v1", route_class=route_class, tags=["openai"])
-KeyDep = Annotated[str | None, Depends(openai_key)]
 
 _STARTED = int(time.time())
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from rwkv_gateway.api.common.cors import CORSPolicy
+from rwkv_gateway.api.common.deps import RoleplayDep, SettingsDep, UsersDep
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
 from rwkv_gateway.api.roleplay.errors import RoleplayErrors, envelope
@@ -58,18 +59,7 @@ PATHS = (
 )
 
 
-def get_roleplay(request: Request) -> RoleplayAPI:
-    service: RoleplayAPI = request.app.state.roleplay
-    return service
-
-
-def get_users(request: Request) -> UsersAPI:
-    service: UsersAPI = request.app.state.roleplay_users
-    return service
-
-
-async def get_params(request: Request) -> AsyncIterator[Params]:
-    settings: Settings = request.app.state.settings
+async def get_params(request: Request, settings: SettingsDep) -> AsyncIterator[Params]:
     params = await read_params(request, max_part_bytes=settings.max_body_bytes)
     try:
         yield params
@@ -77,8 +67,6 @@ async def get_params(request: Request) -> AsyncIterator[Params]:
         await params.aclose()
 
 
-RoleplayDep = Annotated[RoleplayAPI, Depends(get_roleplay)]
-UsersDep = Annotated[UsersAPI, Depends(get_users)]
 ParamsDep = Annotated[Params, Depends(get_params)]
 
 

@@ -18,11 +18,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Path, Query
 from sse_starlette.sse import EventSourceResponse
 
-from rwkv_gateway.api.common.auth import openai_key
-from rwkv_gateway.api.common.deps import EngineDep
+from rwkv_gateway.api.common.deps import EngineDep, KeyDep, TasksDep
 from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
 from rwkv_gateway.api.tasks.errors import TaskErrors
 from rwkv_gateway.api.tasks.schemas import (
@@ -33,22 +32,10 @@ from rwkv_gateway.api.tasks.schemas import (
     TaskResponse,
     TaskStatusResponse,
 )
-from rwkv_gateway.errors import NotReady
 from rwkv_gateway.services.tasks import GenParams, Prefilled, Task, TaskKind, TaskService, new_seed
 
 _ERRORS = TaskErrors()
 router = APIRouter(prefix="/v1/tasks", route_class=dialect_route(_ERRORS), tags=["tasks"])
-KeyDep = Annotated[str | None, Depends(openai_key)]
-
-
-def get_task_service(request: Request) -> TaskService:
-    service: TaskService | None = getattr(request.app.state, "tasks", None)
-    if service is None:
-        raise NotReady("the task service is not running")
-    return service
-
-
-TasksDep = Annotated[TaskService, Depends(get_task_service)]
 TaskId = Annotated[str, Path(description="a TMP_, TASK_ or _TMPL_ id")]
 
 

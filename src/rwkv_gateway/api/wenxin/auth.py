@@ -3,14 +3,12 @@
 The IAM header wins whenever it is present (any `access_token` is then ignored), as on Baidu. A bad,
 stale or future-dated signature, or an unknown AK, is code 14; a missing token 100, an unknown or
 revoked one 110, an expired one 111 (qianfan refreshes its token on 110/111 and retries once). The
-credential store is seen through the `BaiduCredentials` protocol: the dialect never imports the
-service module, which would pull the database layer into `api/`.
+checks themselves are the credentials service's (`services/credentials.py`).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Protocol
 
 from fastapi import Request
 
@@ -22,52 +20,10 @@ from rwkv_gateway.api.wenxin.errors import (
     TOKEN_INVALID,
     WenxinError,
 )
+from rwkv_gateway.services.credentials import CredentialService
 
 
-class CredentialRef(Protocol):
-    @property
-    def id(self) -> int: ...
-
-
-class ClientCheck(Protocol):
-    @property
-    def status(self) -> str: ...
-
-    @property
-    def credential(self) -> CredentialRef | None: ...
-
-
-class IssuedTokenLike(Protocol):
-    @property
-    def access_token(self) -> str: ...
-
-    @property
-    def refresh_token(self) -> str: ...
-
-    @property
-    def expires_in(self) -> int: ...
-
-
-class BaiduCredentials(Protocol):
-    """What this dialect uses of the credentials service (`app.state.credentials`)."""
-
-    async def baidu_secret(self, access_key: str) -> str | None: ...
-
-    async def check_baidu_client(self, client_id: str, client_secret: str) -> ClientCheck: ...
-
-    async def check_access_token(self, token: str) -> ClientCheck: ...
-
-    async def issue_access_token(self, credential_id: int, ttl_s: int = ...) -> IssuedTokenLike: ...
-
-    async def refresh_access_token(self, refresh_token: str, ttl_s: int = ...) -> IssuedTokenLike | None: ...
-
-
-def get_credentials(request: Request) -> BaiduCredentials:
-    credentials: BaiduCredentials = request.app.state.credentials
-    return credentials
-
-
-async def verify_iam(request: Request, header: str, credentials: BaiduCredentials, skew_s: int) -> str:
+async def verify_iam(request: Request, header: str, credentials: CredentialService, skew_s: int) -> str:
     """The id of the credential whose SK signed this request; WenxinError(14) otherwise."""
     try:
         auth = signature.parse_authorization(header)
@@ -87,7 +43,7 @@ async def verify_iam(request: Request, header: str, credentials: BaiduCredential
     return str(check.credential.id)
 
 
-async def authenticate(request: Request, credentials: BaiduCredentials, skew_s: int) -> str:
+async def authenticate(request: Request, credentials: CredentialService, skew_s: int) -> str:
     """The id of the credential behind the request (IAM signature first, else `access_token`)."""
     header = request.headers.get("authorization", "").strip()
     if header.startswith(signature.PREFIX + "/"):

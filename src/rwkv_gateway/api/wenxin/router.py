@@ -10,19 +10,20 @@ the body (schemas.py) and admission. Every failure is HTTP 200 `{"error_code", "
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rwkv_gateway.api.common.deps import SettingsDep, get_engine
+from rwkv_gateway.api.common.deps import CredentialsDep, Services, ServicesDep, SettingsDep
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
-from rwkv_gateway.api.wenxin.auth import BaiduCredentials, IssuedTokenLike, authenticate, get_credentials
+from rwkv_gateway.api.wenxin.auth import authenticate
 from rwkv_gateway.api.wenxin.errors import API_NAME_NOT_EXIST, WenxinError, WenxinErrors
 from rwkv_gateway.api.wenxin.schemas import parse_chat_request
 from rwkv_gateway.api.wenxin.serving import ChatCompletion, dumps
+from rwkv_gateway.services.credentials import IssuedToken
 from rwkv_gateway.settings import Settings
 
 RENDERER = WenxinErrors()
@@ -31,9 +32,6 @@ router = APIRouter(route_class=dialect_route(RENDERER), tags=["wenxinworkshop"])
 #: qianfan's default `QIANFAN_MODEL_API_PREFIX`.
 MODEL_API_PREFIX = "/rpc/2.0/ai_custom/v1/wenxinworkshop"
 _HEADERS = {"Statement": "AI-generated"}
-
-
-CredentialsDep = Annotated[BaiduCredentials, Depends(get_credentials)]
 
 
 def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
@@ -51,7 +49,7 @@ async def _oauth_params(request: Request) -> dict[str, str]:
     return params
 
 
-def _token_body(issued: IssuedTokenLike, settings: Settings) -> dict[str, Any]:
+def _token_body(issued: IssuedToken, settings: Settings) -> dict[str, Any]:
     scopes = ["public", *(f"ai_custom_{name}" for name in settings.wenxin_api_names)]
     return {
         "refresh_token": issued.refresh_token,
@@ -98,14 +96,13 @@ async def oauth_token(request: Request, credentials: CredentialsDep, settings: S
     return JSONResponse(_token_body(issued, settings))
 
 
-async def _chat(
-    request: Request, api_name: str, credentials: BaiduCredentials, settings: Settings
-) -> Response:
-    credential_id = await authenticate(request, credentials, settings.wenxin_signature_skew_s)
+async def _chat(request: Request, api_name: str, services: Services) -> Response:
+    settings = services.settings
+    credential_id = await authenticate(request, services.credentials, settings.wenxin_signature_skew_s)
     if api_name not in settings.wenxin_api_names:
         raise WenxinError(API_NAME_NOT_EXIST, f"API name not exist: {api_name!r}", param="api_name")
     body = parse_chat_request(await request.body(), max_content_chars=settings.wenxin_max_content_chars)
-    engine = get_engine(request)
+    engine = services.model.get()
     job = await ChatCompletion.admit(engine, body, settings, api_key_id=credential_id)
     if body.stream:
         return StreamingResponse(
@@ -121,21 +118,17 @@ async def _chat(
 
 
 @router.post(MODEL_API_PREFIX + "/chat/{api_name}", response_model=None)
-async def chat(
-    request: Request, api_name: str, credentials: CredentialsDep, settings: SettingsDep
-) -> Response:
+async def chat(request: Request, api_name: str, services: ServicesDep) -> Response:
     """Chat with the model served under `api_name` (Baidu's custom-model chat API). Authenticate with
     `?access_token=` from /oauth/2.0/token or a `bce-auth-v1` Authorization header. `"stream": true`
     answers with `data: {json}` events, one per sentence, the last with `"is_end": true`."""
-    return await _chat(request, api_name, credentials, settings)
+    return await _chat(request, api_name, services)
 
 
 @router.post(MODEL_API_PREFIX + "/{api_name}", response_model=None, include_in_schema=False)
-async def chat_custom_endpoint(
-    request: Request, api_name: str, credentials: CredentialsDep, settings: SettingsDep
-) -> Response:
+async def chat_custom_endpoint(request: Request, api_name: str, services: ServicesDep) -> Response:
     """The same chat API without the `/chat/` segment (qianfan's `QIANFAN_USE_CUSTOM_ENDPOINT=true`)."""
-    return await _chat(request, api_name, credentials, settings)
+    return await _chat(request, api_name, services)
 
 
 @router.post("/wenxinworkshop/service/list", include_in_schema=False)
