@@ -1,9 +1,9 @@
 """What the role-play routes see of the role-play services, free of any database import.
 
 The messages of the reference (docs/roleplay.md#4-messages), the failure type that carries them, the
-account and card value types, the `ReplyJob` a reply or resay hands to the route (with the turn it
-stores when it ends), and the protocols the routes call (`RoleplayAPI`, `UsersAPI`), which
-`services/roleplay.py` and `services/users.py` implement.
+account value type, the `ReplyJob` a reply or resay hands to the route (with the turn it stores
+when it ends), and `UsersAPI`, what the routes call of `services/users.py` (which still opens database
+sessions, so the routes may not import it).
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from rwkv_gateway.domain.engine import Engine, TokenStream
-from rwkv_gateway.domain.roleplay_store import CardFields as CardFields  # re-exported for the routes
-from rwkv_gateway.domain.types import Finish, FinishReason, SamplingParams, Snapshot, TextDelta
+from rwkv_gateway.domain.roleplay_store import CardFields as CardFields  # re-exported: services/users.py
+from rwkv_gateway.domain.types import Finish, FinishReason, Snapshot, TextDelta
 from rwkv_gateway.errors import GatewayError
 
 logger = logging.getLogger(__name__)
@@ -151,45 +151,3 @@ class UsersAPI(Protocol):
     async def login_guest(self) -> tuple[str, str]: ...
 
     async def authenticate(self, user_name: str | None, token: str | None) -> Account: ...
-
-
-class CharactersAPI(Protocol):
-    async def list(self, account: Account) -> list[dict[str, Any]]: ...
-
-    async def get(self, account: Account, name: str | None) -> dict[str, Any]: ...
-
-    async def fields(self, account: Account, name: str | None) -> tuple[CardFields, dict[str, Any]]: ...
-
-    async def save(
-        self,
-        account: Account,
-        card: CardFields,
-        *,
-        extra: dict[str, Any] | None = None,
-        require_greeting: bool = True,
-    ) -> None: ...
-
-    async def delete(self, account: Account, name: str | None) -> None: ...
-
-
-class RoleplayAPI(Protocol):
-    @property
-    def characters(self) -> CharactersAPI: ...
-
-    async def load(self, account: Account, name: str | None) -> list[Row]: ...
-
-    async def reset(self, account: Account, name: str | None) -> list[Row]: ...
-
-    async def reply(
-        self, account: Account, name: str | None, prompt: str | None, sampling: SamplingParams
-    ) -> ReplyJob: ...
-
-    async def save_reply(self, job: ReplyJob) -> None: ...
-
-    async def resay(self, account: Account, name: str | None, sampling: SamplingParams) -> ReplyJob: ...
-
-    async def tamper(self, account: Account, name: str | None, message: str | None) -> None: ...
-
-    async def back(self, account: Account, name: str | None, index: int) -> None: ...
-
-    async def debug(self, account: Account, name: str | None) -> dict[str, Any]: ...

@@ -22,7 +22,8 @@ from rwkv_gateway.errors import NotReady
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics
 from rwkv_gateway.services.requestlog import RequestLogger
-from rwkv_gateway.services.roleplay_types import RoleplayAPI, UsersAPI
+from rwkv_gateway.services.roleplay import RoleplayService
+from rwkv_gateway.services.roleplay_types import UsersAPI
 from rwkv_gateway.services.tasks import TaskService
 from rwkv_gateway.settings import Settings
 
@@ -78,7 +79,7 @@ class Services:
     credentials: CredentialService
     openai_keys: OpenAIKeys
     users: UsersAPI
-    roleplay: RoleplayAPI
+    roleplay: RoleplayService
     tasks: TaskService
     request_log: RequestLogger
     #: The database the services share (the lifespan opens it; tests read rows through it).
@@ -110,7 +111,7 @@ def get_users(services: ServicesDep) -> UsersAPI:
     return services.users
 
 
-def get_roleplay(services: ServicesDep) -> RoleplayAPI:
+def get_roleplay(services: ServicesDep) -> RoleplayService:
     return services.roleplay
 
 
@@ -128,6 +129,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 CredentialsDep = Annotated[CredentialService, Depends(get_credentials)]
 UsersDep = Annotated[UsersAPI, Depends(get_users)]
-RoleplayDep = Annotated[RoleplayAPI, Depends(get_roleplay)]
+RoleplayDep = Annotated[RoleplayService, Depends(get_roleplay)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
 KeyDep = Annotated[str | None, Depends(openai_key)]

@@ -25,14 +25,14 @@ from rwkv_gateway.api.common.errors import ErrorRenderer, dialect_route
 from rwkv_gateway.api.roleplay.errors import RoleplayErrors, envelope
 from rwkv_gateway.api.roleplay.params import Params, read_params
 from rwkv_gateway.api.roleplay.streaming import ReplyStream
+from rwkv_gateway.domain.roleplay_store import CardFields
 from rwkv_gateway.errors import GatewayError
+from rwkv_gateway.services.roleplay import RoleplayService
 from rwkv_gateway.services.roleplay_prompts import sampling_params
 from rwkv_gateway.services.roleplay_types import (
     MSG_EMPTY,
     Account,
-    CardFields,
     ReplyJob,
-    RoleplayAPI,
     RoleplayFailure,
     UsersAPI,
 )
@@ -84,7 +84,7 @@ def _sampling(params: Params) -> Any:
     )
 
 
-async def reply_texts(service: RoleplayAPI, job: ReplyJob) -> AsyncGenerator[str, None]:
+async def reply_texts(service: RoleplayService, job: ReplyJob) -> AsyncGenerator[str, None]:
     """A reply as the client gets it: the whole text so far after every piece; then, once the service
     has saved the turn, the final text. A reply that fails, or whose client goes away before its end
     (this generator is closed early), saves nothing. The chat's guard is released at the end."""
@@ -98,7 +98,9 @@ async def reply_texts(service: RoleplayAPI, job: ReplyJob) -> AsyncGenerator[str
         job.close()
 
 
-async def _respond_reply(request: Request, service: RoleplayAPI, job: ReplyJob, params: Params) -> Response:
+async def _respond_reply(
+    request: Request, service: RoleplayService, job: ReplyJob, params: Params
+) -> Response:
     texts = reply_texts(service, job)
     if params.streaming():
         return ReplyStream(texts, job.close)
