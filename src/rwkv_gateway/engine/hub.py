@@ -290,8 +290,9 @@ def _link(file: HubFile, endpoint: str | None, cache: Path) -> Path:
 
 
 def _progress_class(spec: str) -> type[Any]:
-    """huggingface_hub's progress bar (drawn on a terminal only), which also logs a line at every
-    tenth of the file and at least every `_LOG_EVERY_S` seconds, so a log shows the download too."""
+    """huggingface_hub's progress bar, drawn when stderr is a terminal; otherwise (a log file, a
+    container's log) a line at every tenth of the file and at least every `_LOG_EVERY_S` seconds. Not
+    both: the log lines would break into the bar's line on the same terminal."""
     from huggingface_hub.utils import tqdm as hub_tqdm
 
     class LoggedProgress(hub_tqdm):
@@ -302,6 +303,7 @@ def _progress_class(spec: str) -> type[Any]:
             self._t0 = self._last_t = time.monotonic()
             self._start = self._done
             self._last_tenth = self._tenth()
+            self._drawn = not self.disable
 
         def _tenth(self) -> int:
             return self._done * 10 // self._size if self._size else 0
@@ -311,6 +313,8 @@ def _progress_class(spec: str) -> type[Any]:
             self._done += int(n or 0)
             now = time.monotonic()
             tenth = self._tenth()
+            if self._drawn:
+                return shown
             if tenth != self._last_tenth or now - self._last_t >= _LOG_EVERY_S:
                 self._last_tenth, self._last_t = tenth, now
                 rate = (self._done - self._start) / 2**20 / max(now - self._t0, 1e-6)
