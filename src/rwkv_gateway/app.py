@@ -128,7 +128,6 @@ def _build_services(
 ) -> Services:
     """The container the routes read: every service on one storage, whose session factory the
     lifespan binds to the database once it is migrated and open."""
-    sessions = storage.sessions
     credentials = CredentialService(storage)
     # Task API: the task registry (its runs need the engine, which each call passes in).
     tasks = TaskService(
@@ -148,7 +147,7 @@ def _build_services(
         metrics=GatewayMetrics(model.current, queue_size=settings.queue_size),
         credentials=credentials,
         openai_keys=OpenAIKeys(credentials),
-        users=UserService(sessions, defaults_dir=settings.roleplay_default_characters),
+        users=UserService(storage, defaults_dir=settings.roleplay_default_characters),
         roleplay=roleplay,
         tasks=tasks,
         request_log=RequestLogger(storage),

@@ -379,13 +379,14 @@ def keys_revoke(
 
 def _with_users(data_dir: Path | None, db_url: str | None, call: Callable[[UserService], Awaitable[T]]) -> T:
     """What `call` does with a UserService on the up-to-date database."""
+    from rwkv_gateway.db.session import SqlStorage
     from rwkv_gateway.services.users import UserService
 
     return _with_sessions(
         data_dir,
         db_url,
         lambda sessions, settings: call(
-            UserService(sessions, defaults_dir=settings.roleplay_default_characters)
+            UserService(SqlStorage(sessions), defaults_dir=settings.roleplay_default_characters)
         ),
     )
 

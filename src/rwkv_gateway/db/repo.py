@@ -30,7 +30,7 @@ from rwkv_gateway.domain.roleplay_store import CardFields, NewNode
 from rwkv_gateway.domain.storage import utcnow
 from rwkv_gateway.domain.types import RequestRecord
 
-_Row = TypeVar("_Row", Character, Conversation)
+_Row = TypeVar("_Row", Character, Conversation, User)
 
 
 def _entry(record: RequestRecord) -> RequestLogEntry:
@@ -250,6 +250,18 @@ class UserRepo:
         """Make `token_hash` the user's only token (logging in again invalidates the previous one)."""
         await self.session.execute(delete(AuthToken).where(AuthToken.user_id == user_id))
         self.session.add(AuthToken(user_id=user_id, token_hash=token_hash))
+        await self.session.flush()
+
+    async def set_password(self, user_id: int, password_hash: str) -> None:
+        (await _existing(self.session, User, user_id)).password_hash = password_hash
+        await self.session.flush()
+
+    async def set_defaults_given(self, user_id: int) -> None:
+        (await _existing(self.session, User, user_id)).defaults_given = True
+        await self.session.flush()
+
+    async def set_last_seen(self, user_id: int, at: datetime) -> None:
+        (await _existing(self.session, User, user_id)).last_seen_at = at
         await self.session.flush()
 
 

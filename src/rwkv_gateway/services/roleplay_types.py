@@ -1,9 +1,8 @@
 """What the role-play routes see of the role-play services, free of any database import.
 
 The messages of the reference (docs/roleplay.md#4-messages), the failure type that carries them, the
-account value type, the `ReplyJob` a reply or resay hands to the route (with the turn it stores
-when it ends), and `UsersAPI`, what the routes call of `services/users.py` (which still opens database
-sessions, so the routes may not import it).
+account value type and the `ReplyJob` a reply or resay hands to the route (with the turn it stores
+when it ends).
 """
 
 # ruff: noqa: RUF001  (the reference's messages use full-width punctuation)
@@ -13,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from rwkv_gateway.domain.engine import Engine, TokenStream
 from rwkv_gateway.domain.roleplay_store import CardFields as CardFields  # re-exported: services/users.py
@@ -143,11 +141,3 @@ class ReplyJob:
             self._released = True
             self._stream.cancel()
             self._release()
-
-
-class UsersAPI(Protocol):
-    async def login(self, user_name: str | None, password: str | None) -> tuple[str, str]: ...
-
-    async def login_guest(self) -> tuple[str, str]: ...
-
-    async def authenticate(self, user_name: str | None, token: str | None) -> Account: ...

@@ -6,7 +6,8 @@ replaces the previous token. A guest is `tmp-<32 hex>` and its token is its own 
 reference; the token prefix chooses which kind of account a request speaks for. Default characters
 (a folder of reference-format character JSON files) are given to a user once, at the first login,
 and never overwrite a character the user already has. Every method runs in its own short
-transaction; failures a client sees are `RoleplayFailure`s carrying the reference's exact message.
+transaction, a unit of work of the `Storage` it is given (`domain/user_store.py`); failures a client
+sees are `RoleplayFailure`s carrying the reference's exact message.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from rwkv_gateway.db.base import utcnow
-from rwkv_gateway.db.repo import CharacterRepo, SqlUnitOfWork, UserRepo
+from rwkv_gateway.domain.storage import Storage, utcnow
+from rwkv_gateway.domain.user_store import UserUnit
 from rwkv_gateway.errors import GatewayError, InvalidParameter, NotFound
 from rwkv_gateway.services.roleplay_guests import delete_user_rows
 from rwkv_gateway.services.roleplay_prompts import valid_name
@@ -114,10 +114,8 @@ def read_card_files(directory: Path) -> list[CardFields]:
 class UserService:
     """Accounts, guests and tokens (role-play API and the `users` CLI)."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], *, defaults_dir: Path | None = None
-    ) -> None:
-        self._sessions = sessions
+    def __init__(self, storage: Storage[UserUnit], *, defaults_dir: Path | None = None) -> None:
+        self._storage = storage
         self._defaults_dir = defaults_dir if defaults_dir is not None else BUNDLED_DEFAULTS
         self._hasher = PasswordHasher()
 
@@ -130,38 +128,36 @@ class UserService:
         if not password:
             raise InvalidParameter("the password is empty")
         hashed = await asyncio.to_thread(self._hasher.hash, password)
-        async with self._sessions() as session:
-            users = UserRepo(session)
-            if await users.get_by_name(checked) is not None:
+        async with self._storage.transaction() as uow:
+            if await uow.users.get_by_name(checked) is not None:
                 raise InvalidParameter(f"user {checked!r} already exists")
-            await users.add(checked, hashed, is_guest=False)
-            await session.commit()
+            await uow.users.add(checked, hashed, is_guest=False)
+            await uow.commit()
 
     async def set_password(self, name: str, password: str) -> None:
         hashed = await asyncio.to_thread(self._hasher.hash, password)
-        async with self._sessions() as session:
-            user = await UserRepo(session).get_by_name(name)
+        async with self._storage.transaction() as uow:
+            user = await uow.users.get_by_name(name)
             if user is None or user.is_guest:
                 raise NotFound(f"no user {name!r}")
-            user.password_hash = hashed
-            await session.commit()
+            await uow.users.set_password(user.id, hashed)
+            await uow.commit()
 
     async def delete(self, name: str) -> list[str]:
         """Delete a user (or guest) with everything they own; returns the state-store keys that only
         they used, for the caller to delete from the state store."""
-        async with self._sessions() as session:
-            users = UserRepo(session)
-            user = await users.get_by_name(name)
+        async with self._storage.transaction() as uow:
+            user = await uow.users.get_by_name(name)
             if user is None:
                 raise NotFound(f"no user {name!r}")
-            keys = await delete_user_rows(SqlUnitOfWork(session), user.id)
-            await session.commit()
+            keys = await delete_user_rows(uow, user.id)
+            await uow.commit()
             return keys
 
     async def list(self, *, guests: bool = False) -> builtins.list[UserInfo]:
-        async with self._sessions() as session:
-            users = await UserRepo(session).list(guests=guests)
-            chars = CharacterRepo(session)
+        async with self._storage.transaction() as uow:
+            users = await uow.users.list(guests=guests)
+            chars = uow.characters
             return [
                 UserInfo(u.name, u.created_at, u.last_seen_at, len(await chars.list(u.id))) for u in users
             ]
@@ -191,21 +187,19 @@ class UserService:
                 continue
             hashed = await asyncio.to_thread(self._hasher.hash, password)
             own = read_card_files(root / "chars" / path.name)
-            async with self._sessions() as session:
-                users = UserRepo(session)
-                if await users.get_by_name(name) is not None:
+            async with self._storage.transaction() as uow:
+                if await uow.users.get_by_name(name) is not None:
                     logger.warning("skipping legacy account %r: the user exists", name)
                     continue
-                user = await users.add(name, hashed, is_guest=False)
-                chars = CharacterRepo(session)
+                user = await uow.users.add(name, hashed, is_guest=False)
                 seen: set[str] = set()
                 for card in [*own, *shared]:
                     if card.bot in seen:
                         continue
                     seen.add(card.bot)
-                    await chars.add(user.id, card)
+                    await uow.characters.add(user.id, card)
                     n_chars += 1
-                await session.commit()
+                await uow.commit()
             imported.append(name)
         return imported, n_chars
 
@@ -214,10 +208,10 @@ class UserService:
     def _default_cards(self) -> Sequence[CardFields]:
         return read_card_files(self._defaults_dir)
 
-    async def _provision(self, session: AsyncSession, user_id: int) -> None:
+    async def _provision(self, uow: UserUnit, user_id: int) -> None:
         """Give the default characters the user does not have yet (never overwriting an edit)."""
         cards = await asyncio.to_thread(self._default_cards)
-        chars = CharacterRepo(session)
+        chars = uow.characters
         for card in cards:
             if await chars.get(user_id, card.bot) is None:
                 await chars.add(user_id, card)
@@ -229,8 +223,8 @@ class UserService:
         name = valid_name(user_name)
         if name is None:
             raise RoleplayFailure(MSG_NO_USER)
-        async with self._sessions() as session:
-            user = await UserRepo(session).get_by_name(name)
+        async with self._storage.transaction() as uow:
+            user = await uow.users.get_by_name(name)
             stored = None if user is None or user.is_guest else user.password_hash
         if stored is None:
             raise RoleplayFailure(MSG_NO_USER)
@@ -240,17 +234,17 @@ class UserService:
             raise RoleplayFailure(MSG_BAD_PASSWORD) from None
         token = secrets.token_hex(16)
         try:
-            async with self._sessions() as session:
-                users = UserRepo(session)
+            async with self._storage.transaction() as uow:
+                users = uow.users
                 user = await users.get_by_name(name)
                 if user is None:
                     raise RoleplayFailure(MSG_NO_USER)
                 await users.replace_token(user.id, _digest(token))
                 if not user.defaults_given:
-                    await self._provision(session, user.id)
-                    user.defaults_given = True
-                user.last_seen_at = utcnow()
-                await session.commit()
+                    await self._provision(uow, user.id)
+                    await users.set_defaults_given(user.id)
+                await users.set_last_seen(user.id, utcnow())
+                await uow.commit()
         except RoleplayFailure:
             raise
         except Exception:
@@ -262,13 +256,13 @@ class UserService:
         """A new guest account with the default characters; its token is its name."""
         name = GUEST_PREFIX + secrets.token_hex(16)
         try:
-            async with self._sessions() as session:
-                users = UserRepo(session)
+            async with self._storage.transaction() as uow:
+                users = uow.users
                 user = await users.add(name, None, is_guest=True)
                 await users.replace_token(user.id, _digest(name))
-                await self._provision(session, user.id)
-                user.defaults_given = True
-                await session.commit()
+                await self._provision(uow, user.id)
+                await users.set_defaults_given(user.id)
+                await uow.commit()
         except Exception:
             logger.exception("creating a guest failed")
             raise RoleplayFailure(MSG_LOGIN_FAILED) from None
@@ -282,8 +276,8 @@ class UserService:
         if name is None:
             raise RoleplayFailure(MSG_NO_USER)
         guest = token.startswith(GUEST_PREFIX)
-        async with self._sessions() as session:
-            users = UserRepo(session)
+        async with self._storage.transaction() as uow:
+            users = uow.users
             user = await users.get_by_name(name)
             stored = None if user is None or user.is_guest != guest else await users.token_hash(user.id)
             if user is None or stored is None:
@@ -292,8 +286,8 @@ class UserService:
                 raise RoleplayFailure(MSG_STALE_TOKEN, 403)
             now = utcnow()
             if now - _aware(user.last_seen_at) >= _SEEN_RESOLUTION:
-                user.last_seen_at = now
-                await session.commit()
+                await users.set_last_seen(user.id, now)
+                await uow.commit()
             return Account(user.id, user.name, user.is_guest)
 
 

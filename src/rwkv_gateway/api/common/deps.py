@@ -23,8 +23,8 @@ from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.services.roleplay import RoleplayService
-from rwkv_gateway.services.roleplay_types import UsersAPI
 from rwkv_gateway.services.tasks import TaskService
+from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
 
 
@@ -78,7 +78,7 @@ class Services:
     metrics: GatewayMetrics
     credentials: CredentialService
     openai_keys: OpenAIKeys
-    users: UsersAPI
+    users: UserService
     roleplay: RoleplayService
     tasks: TaskService
     request_log: RequestLogger
@@ -107,7 +107,7 @@ def get_credentials(services: ServicesDep) -> CredentialService:
     return services.credentials
 
 
-def get_users(services: ServicesDep) -> UsersAPI:
+def get_users(services: ServicesDep) -> UserService:
     return services.users
 
 
@@ -128,7 +128,7 @@ async def openai_key(request: Request, services: ServicesDep) -> str | None:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 CredentialsDep = Annotated[CredentialService, Depends(get_credentials)]
-UsersDep = Annotated[UsersAPI, Depends(get_users)]
+UsersDep = Annotated[UserService, Depends(get_users)]
 RoleplayDep = Annotated[RoleplayService, Depends(get_roleplay)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
 KeyDep = Annotated[str | None, Depends(openai_key)]

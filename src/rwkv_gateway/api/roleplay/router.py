@@ -34,8 +34,8 @@ from rwkv_gateway.services.roleplay_types import (
     Account,
     ReplyJob,
     RoleplayFailure,
-    UsersAPI,
 )
+from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
 
 router = APIRouter(route_class=dialect_route(RoleplayErrors()), tags=["roleplay"])
@@ -70,7 +70,7 @@ async def get_params(request: Request, settings: SettingsDep) -> AsyncIterator[P
 ParamsDep = Annotated[Params, Depends(get_params)]
 
 
-async def _account(users: UsersAPI, params: Params) -> Account:
+async def _account(users: UserService, params: Params) -> Account:
     return await users.authenticate(params.text("user_name"), params.text("token"))
 
 
