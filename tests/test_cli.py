@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rwkv_gateway.engine.loader import inspect_checkpoint
+from support import free_port
 
 CLI = [sys.executable, "-m", "rwkv_gateway"]
 
@@ -26,12 +26,6 @@ def run_cli(
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_help_lists_the_commands() -> None:

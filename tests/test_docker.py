@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from rwkv_gateway.settings import Settings
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -531,9 +532,7 @@ def test_health_probe_follows_readyz() -> None:
     with readyz_server(503) as port:
         loading = probe(port)
     assert loading.returncode == 1 and "answered 503" in loading.stdout, loading
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     down = probe(closed)
     assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down
     assert "Traceback" not in down.stderr
@@ -546,12 +545,6 @@ def deployment_nginx_blocks() -> list[str]:
     blocks = re.findall(r"```nginx\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S)
     assert len(blocks) == 2, "the proxy example and the scaling example"
     return blocks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ labelled, engine and state-cache figures are the engine's own, and every app has
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rwkv_gateway.domain.types import RequestRecord
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
+from support import idle
 
 if TYPE_CHECKING:
     from conftest import Served, ServeFactory
@@ -36,17 +36,6 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
             assert key not in samples, f"duplicate series {key}"
             samples[key] = s.value
     return samples
-
-
-async def idle(engine: Any) -> None:
-    """Wait until the engine has nothing running: chat replies are prefilled for the next turn after
-    the response is sent, so a sequence can still be active when the client has its answer."""
-    for _ in range(3000):
-        stats = engine.stats()
-        if stats["active_sequences"] == 0 and stats["queue_depth"] == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("engine never went idle")
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

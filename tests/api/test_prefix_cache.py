@@ -3,25 +3,16 @@ turn prefills only its new messages, and gives exactly the text it gives with th
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate
 from rwkv_gateway.engine.tokenizer import Tokenizer
+from support import idle
 
 if TYPE_CHECKING:
     from tests.api.conftest import Served, ServeFactory
 
 QUESTIONS = [f"Question {i}: what is {i} times {i + 1}?" for i in range(10)]
-
-
-async def idle(served: Served) -> None:
-    # The reply's follow-up prefill runs after the response is sent; a human types slower than that.
-    for _ in range(500):
-        if served.app.state.services.model.engine.stats()["active_sequences"] == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("engine never went idle")
 
 
 async def conversation(served: Served) -> tuple[list[str], list[dict[str, Any]]]:
@@ -38,7 +29,7 @@ async def conversation(served: Served) -> tuple[list[str], list[dict[str, Any]]]
         replies.append(reply)
         usages.append(data["usage"])
         history.append({"role": "assistant", "content": reply})
-        await idle(served)
+        await idle(served.app.state.services.model.engine)
     return replies, usages
 
 

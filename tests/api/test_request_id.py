@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from fastapi.responses import StreamingResponse
 
 from rwkv_gateway.api.common.request_id import accepted_request_id
 from rwkv_gateway.logs import GatewayHandler, configure_logging, make_handler, request_id_var
+from support import free_port
 
 if TYPE_CHECKING:
     from conftest import Served
@@ -276,9 +276,7 @@ async def test_prompt_text_stays_out_of_the_logs(served: Served) -> None:
 def test_live_server_writes_json_lines_with_request_ids(v7_path: Path, tmp_path: Path) -> None:
     """`rwkv-gateway serve --log-format json`: every line on stderr is a JSON object, uvicorn's access
     line names the request's id, and the prompt is nowhere in the log."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cli = [sys.executable, "-m", "rwkv_gateway"]
     cmd = [*cli, "serve", "--model", str(v7_path), "--data-dir", str(tmp_path / "data"), "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GATEWAY_")}

@@ -23,7 +23,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from live import start
+from support.live import start_server
 
 EXAMPLES = 6
 ROLEPLAY = (
@@ -41,7 +41,7 @@ GLM = ("/chat", "/chat-stream", "/embedding", "/tokenize")
 
 @pytest.fixture(scope="module")
 def live_schema(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    live = start(v7_path, tmp_path_factory.mktemp("schemathesis"), max_new_tokens="4")
+    live = start_server(v7_path, tmp_path_factory.mktemp("schemathesis"), max_new_tokens="4")
     try:
         yield schemathesis.openapi.from_url(f"{live.url}/openapi.json")
     finally:

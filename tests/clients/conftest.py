@@ -1,8 +1,7 @@
-"""Live servers for the client-library tests: `python -m rwkv_gateway serve` as a subprocess on a free port.
+"""Live servers for the client-library tests (tests/support/live.py), one per module.
 
 Each fixture starts its own server (own data dir, own settings from `RWKV_GATEWAY_*` variables), waits
-for `/readyz`, and stops it with SIGTERM at teardown. The server's log goes to a file in its data dir
-and is shown when it fails to start.
+for `/readyz`, and stops it with SIGTERM at teardown.
 """
 
 from __future__ import annotations
@@ -10,152 +9,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import openai
 import pytest
 
-CLI = [sys.executable, "-m", "rwkv_gateway"]
-API_KEY = "anything"  # no keys configured: any Bearer value is accepted
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class LiveServer:
-    port: int
-    data_dir: Path
-    log: Path
-    model_name: str
-    #: The key clients send by default: any value while the server has no keys.
-    api_key: str = API_KEY
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def v1(self) -> str:
-        return f"{self.url}/v1"
-
-    def readyz(self) -> dict[str, Any]:
-        resp = httpx.get(f"{self.url}/readyz", timeout=5)
-        body: dict[str, Any] = resp.json()
-        return body
-
-    def openai(self, api_key: str | None = None) -> openai.OpenAI:
-        key = self.api_key if api_key is None else api_key
-        return openai.OpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=120)
-
-    def async_openai(self, api_key: str | None = None) -> openai.AsyncOpenAI:
-        key = self.api_key if api_key is None else api_key
-        return openai.AsyncOpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=120)
-
-    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> dict[str, Any]:
-        """Poll /readyz until `predicate(body)` holds; the last body is returned (or the test fails)."""
-        deadline = time.monotonic() + timeout
-        body = self.readyz()
-        while not predicate(body):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; /readyz says {body}")
-            time.sleep(0.05)
-            body = self.readyz()
-        return body
-
-
-def _log_tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def live_server(
-    model: Path | None,
-    data_dir: Path,
-    *,
-    api_key: str = API_KEY,
-    port: int | None = None,
-    env: dict[str, str] | None = None,
-    ready_s: float = 120,
-    **settings: str,
-) -> Iterator[LiveServer]:
-    """Start `rwkv_gateway serve` (on the demo model when `model` is None) on `port` (default: a
-    free one), in `env` (default: this process's environment); `settings` become RWKV_GATEWAY_<NAME>
-    variables."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port() if port is None else port
-    base = dict(os.environ) if env is None else env
-    env = {**base, **{f"RWKV_GATEWAY_{k.upper()}": v for k, v in settings.items()}}
-    log = data_dir / "server.log"
-    cmd = [*CLI, "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    if model is not None:
-        cmd += ["--model", str(model)]
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    name = model.stem if model is not None else "rwkv-demo"
-    server = LiveServer(port=port, data_dir=data_dir, log=log, model_name=name, api_key=api_key)
-    try:
-        deadline = time.monotonic() + ready_s
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server never became ready:\n{_log_tail(log)}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
+from support import wait_for_free_port
+from support.live import CLI, LiveServer, live_server
 
 #: The port the rwkv-api SDK's own suite hard-codes (http://localhost:8000).
 SDK_PORT = 8000
 #: The demo model the SDK-suite server writes and serves (see Settings.demo_layers / demo_embd).
 SDK_DEMO_SIZE = {"demo_layers": "4", "demo_embd": "256"}
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+#: How long the suite waits for that port to be free before it fails.
+SDK_PORT_WAIT_S = 120.0
 
 
 @pytest.fixture(scope="module")
 def sdk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m rwkv_gateway serve` on 127.0.0.1:8000 with no model configured (the demo model),
     none of this environment's RWKV_GATEWAY_* settings, and a 4x256 demo model."""
-    if not _port_free(SDK_PORT):
-        pytest.skip(
-            f"port {SDK_PORT} is in use; the rwkv-api suite only talks to http://localhost:{SDK_PORT}"
-        )
+    # Another run's server may still be letting go of the port: wait for it, then fail (never skip).
+    wait_for_free_port(
+        SDK_PORT, SDK_PORT_WAIT_S, f"the rwkv-api suite only talks to http://localhost:{SDK_PORT}"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GATEWAY_")}
     data_dir = tmp_path_factory.mktemp("rwkv-api-server")
     with live_server(None, data_dir, port=SDK_PORT, env=env, ready_s=180, **SDK_DEMO_SIZE) as srv:

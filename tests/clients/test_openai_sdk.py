@@ -27,7 +27,7 @@ from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from conftest import LiveServer  # tests/clients/conftest.py
+    from support.live import LiveServer
 
 USER_TEXT = "Tell me a long story about a lighthouse keeper and the sea."
 MESSAGES: list[Any] = [{"role": "user", "content": USER_TEXT}]

@@ -19,7 +19,6 @@ import contextlib
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from rwkv_gateway.app import create_app
 from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.settings import Settings
+from support import free_port
 
 if TYPE_CHECKING:
     from conftest import BaiduServer  # tests/clients/conftest.py
@@ -363,9 +363,7 @@ def in_process_server(model: Path, data_dir: Path) -> Iterator[InProcessServer]:
         check=True,
     )
     keys = json.loads(made.stdout)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     app = create_app(Settings(model=model, data_dir=data_dir))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

@@ -4,8 +4,9 @@ The suite is vendored unchanged from the `rwkv-api==0.1.2` sdist (MIT, see rwkv_
 under `rwkv_api_suite/tests`, which the main run does not collect. It hard-codes
 `http://localhost:8000` and skips every integration test unless `GET /v1/models` answers, so the
 `sdk_server` fixture (tests/clients/conftest.py) serves a generated RWKV-7 model on exactly that port
-(skipping, with the reason, if the port is taken); this module runs the suite in a pytest subprocess
-with the sdist's own pytest settings, and requires all 46 tests to pass (a skip counts as a failure).
+(a port still taken after two minutes fails the test, never skips it); this module runs the suite in a
+pytest subprocess with the sdist's own pytest settings, and requires all 46 tests to pass (a skip
+counts as a failure).
 The model has 4 layers of width 256: the suite needs 500 tokens to take longer than half a second
 (`test_wait_timeout`).
 """

@@ -9,19 +9,18 @@ and schemathesis tests in tests/api/ record theirs the same way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from live import App, AppFactory, kill_leftovers
+from live import AppFactory
 
-from rwkv_gateway.app import create_app
 from rwkv_gateway.settings import Settings
+from support.app import Served, running_app
+from support.live import kill_leftovers
 
 FIGURE = "figure"
 
@@ -50,16 +49,9 @@ async def app_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[AppFactory
     counter = itertools.count()
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(**overrides: Any) -> App:
+        async def start(**overrides: Any) -> Served:
             settings = Settings(model=v7_path, data_dir=tmp_path / f"data{next(counter)}", **overrides)
-            app = create_app(settings)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
-            )
-            return App(app, client, settings)
+            return await stack.enter_async_context(running_app(settings))
 
         yield start
 

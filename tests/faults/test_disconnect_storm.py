@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from live import start
+
+from support.live import start_server
 
 REQUESTS = 1000
 CONCURRENCY = 32
@@ -80,22 +81,22 @@ async def wait_idle(url: str) -> dict[str, object]:
 async def test_a_thousand_requests_half_dropped(
     v7_path: Path, tmp_path: Path, figure: Callable[[str], None]
 ) -> None:
-    live = start(
+    live = start_server(
         v7_path,
         tmp_path / "data",
         max_batch_size=str(CONCURRENCY),
         state_cache_mb=str(STATE_CACHE_MB),
     )
-    await storm(live.url, live.model, range(WARMUP))
+    await storm(live.url, live.model_name, range(WARMUP))
     await wait_idle(live.url)
     baseline = live.rss_bytes()
-    outcome = await storm(live.url, live.model, range(WARMUP, WARMUP + REQUESTS))
+    outcome = await storm(live.url, live.model_name, range(WARMUP, WARMUP + REQUESTS))
     assert outcome == {"completed": REQUESTS // 2, "dropped": REQUESTS // 2}
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
         # Still answering: a plain request right after the storm.
         resp = await client.post(
             "/v1/chat/completions",
-            json={"model": live.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            json={"model": live.model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
         )
         assert resp.status_code == 200
         ready = await wait_idle(live.url)

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from live import CARD, GREEDY, Live, form, log_tail, reply_frames, start
+from live import CARD, GREEDY, form, reply_frames
+
+from support.live import LiveServer, log_tail, start_server
 
 STREAM_TOKENS = 120
 
@@ -52,10 +54,10 @@ def sse_data(body: bytes) -> list[str]:
     return [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
 
 
-def probe_after_sigterm(live: Live) -> str:
+def probe_after_sigterm(live: LiveServer) -> str:
     """What a new client sees once SIGTERM was sent: a refused connection or a 503 readiness."""
     try:
-        resp = live.readyz()
+        resp = httpx.get(f"{live.url}/readyz", timeout=10)
     except httpx.TransportError:
         return "refused"
     assert resp.status_code == 503, resp.text
@@ -63,9 +65,9 @@ def probe_after_sigterm(live: Live) -> str:
     return "503"
 
 
-def openai_stream(live: Live, max_tokens: int) -> Stream:
+def openai_stream(live: LiveServer, max_tokens: int) -> Stream:
     body = {
-        "model": live.model,
+        "model": live.model_name,
         "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": max_tokens,
         "stream": True,
@@ -78,7 +80,7 @@ def test_sigterm_lets_streams_finish_persists_and_exits_0(
     v7_path: Path, tmp_path: Path, figure: Callable[[str], None]
 ) -> None:
     data_dir = tmp_path / "data"
-    live = start(v7_path, data_dir, drain_timeout_s="60", roleplay_max_reply_tokens="48")
+    live = start_server(v7_path, data_dir, drain_timeout_s="60", roleplay_max_reply_tokens="48")
     me = httpx.post(f"{live.url}/login/tmp", **form({"token": "null"}), timeout=30).json()["data"]
     auth = {"user_name": me["user_name"], "token": me["token"]}
     assert (
@@ -108,7 +110,7 @@ def test_sigterm_lets_streams_finish_persists_and_exits_0(
     assert live.proc.wait(timeout=60) == 0, log_tail(live.log)
 
     # The reply that finished during the drain was stored: a restarted server continues from it.
-    again = start(v7_path, data_dir, roleplay_max_reply_tokens="8")
+    again = start_server(v7_path, data_dir, roleplay_max_reply_tokens="8")
     try:
         loaded = httpx.post(f"{again.url}/characters/load", **form(chat), timeout=30).json()
         assert loaded["code"] == 200, loaded
@@ -128,7 +130,7 @@ def test_sigterm_lets_streams_finish_persists_and_exits_0(
 def test_sigterm_past_the_drain_timeout_ends_streams_in_band(
     v7_path: Path, tmp_path: Path, figure: Callable[[str], None]
 ) -> None:
-    live = start(v7_path, tmp_path / "data", drain_timeout_s="1", max_new_tokens="1000000")
+    live = start_server(v7_path, tmp_path / "data", drain_timeout_s="1", max_new_tokens="1000000")
     stream = openai_stream(live, 1000000)  # never ends by itself
     stream.start()
     assert stream.started.wait(60)

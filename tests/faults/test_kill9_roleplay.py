@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from live import CARD, GREEDY, Live, form, log_tail, reply_frames, start
+from live import CARD, GREEDY, form, reply_frames
 
 from rwkv_gateway.engine.states import load_snapshot
+from support.live import LiveServer, log_tail, start_server
 
 KILLS = 20
 CONVERSATIONS = 3
 SETTINGS = {"roleplay_max_reply_tokens": "16", "prefill_chunk": "16"}
 
 
-def call(live: Live, path: str, fields: dict[str, Any]) -> Any:
+def call(live: LiveServer, path: str, fields: dict[str, Any]) -> Any:
     resp = httpx.post(f"{live.url}{path}", **form(fields), timeout=60)
     assert resp.status_code == 200, resp.text
     out = json.loads(resp.content)
@@ -55,7 +56,7 @@ def test_kill_9_mid_turn_loses_nothing_committed(
 ) -> None:
     rng = random.Random(9)
     data_dir = tmp_path / "data"
-    live = start(v7_path, data_dir, **SETTINGS)
+    live = start_server(v7_path, data_dir, **SETTINGS)
     chats: list[dict[str, str]] = []
     for _ in range(CONVERSATIONS):
         guest = call(live, "/login/tmp", {"token": "null"})
@@ -69,7 +70,7 @@ def test_kill_9_mid_turn_loses_nothing_committed(
         prompt = f"第{kill}句"
         gate = threading.Event()
 
-        def stream(fields: dict[str, str], live: Live = live, gate: threading.Event = gate) -> None:
+        def stream(fields: dict[str, str], live: LiveServer = live, gate: threading.Event = gate) -> None:
             try:
                 with httpx.stream("POST", f"{live.url}/chat/reply", **form(fields), timeout=60) as resp:
                     for _ in resp.iter_raw():
@@ -91,7 +92,7 @@ def test_kill_9_mid_turn_loses_nothing_committed(
         assert live.stop(signal.SIGKILL) == -signal.SIGKILL
         for t in threads:
             t.join(60)
-        live = start(v7_path, data_dir, **SETTINGS)
+        live = start_server(v7_path, data_dir, **SETTINGS)
         state_files = check_disk(data_dir, checked)
         for i, c in enumerate(chats):
             chat = call(live, "/characters/load", c)["chat"]

@@ -4,7 +4,6 @@ multi-turn prefix-cache reuse (docs/glm.md, sections 1-3)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from glmwire import KEYS, PING, Spy, stream_chat
 from rwkv_gateway.db.repo import RequestLogRepo
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate
 from rwkv_gateway.engine.tokenizer import Tokenizer
+from support import idle
 
 if TYPE_CHECKING:
     from conftest import Served, ServeFactory
@@ -27,15 +27,6 @@ def segments(*turns: tuple[str, str]) -> tuple[str, ...]:
 
 def formatted_tokens(tokenizer: Tokenizer, pieces: tuple[str, ...]) -> int:
     return sum(len(tokenizer.encode(p)) for p in pieces)
-
-
-async def idle(served: Served) -> None:
-    # The reply's follow-up prefill runs after the response is sent.
-    for _ in range(500):
-        if served.app.state.services.model.engine.stats()["active_sequences"] == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("engine never went idle")
 
 
 async def chat(served: Served, **body: Any) -> dict[str, Any]:
@@ -244,7 +235,7 @@ async def test_multi_turn_requests_prefill_only_the_new_turn(served: Served, tok
         budget = formatted_tokens(tokenizer, whole) + 12  # a reply of at most 12 tokens
         before = dict(engine.stats())
         body = await chat(served, prompt=question, history=history, temperature=0, max_length=budget)
-        await idle(served)
+        await idle(served.app.state.services.model.engine)
         after = engine.stats()
         prefilled = after["prompt_tokens"] - before["prompt_tokens"]
         cached = after["cached_tokens"] - before["cached_tokens"]

@@ -4,11 +4,6 @@ that goes away (stream or one-shot) frees its engine slot."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,44 +13,14 @@ import httpx
 import pytest
 from glmwire import SEP, StreamResult, check_frame
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support.live import live_server
 
 
 @pytest.fixture(scope="module")
 def base_url(v7_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data_dir = tmp_path_factory.mktemp("glm-live")
-    port = free_port()
-    log = data_dir / "server.log"
     # A huge reply budget lets a test start a reply that only ends when its client goes away.
-    env = {**os.environ, "RWKV_GATEWAY_MAX_NEW_TOKENS": "1000000"}
-    cmd = [sys.executable, "-m", "rwkv_gateway", "serve", "--model", str(v7_path)]
-    cmd += ["--data-dir", str(data_dir), "--port", str(port)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "server never became ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+    with live_server(v7_path, tmp_path_factory.mktemp("glm-live"), max_new_tokens="1000000") as live:
+        yield live.url
 
 
 def wait_idle(base_url: str, timeout: float = 60.0) -> None:

@@ -6,7 +6,6 @@ directory (restart tests)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +18,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from rwkv_gateway.app import create_app
 from rwkv_gateway.settings import Settings
+from support.app import running_app
 
 #: What JavaScript's encodeURIComponent leaves alone (a space becomes %20, never "+").
 _JS_SAFE = "-_.!~*'()"
@@ -80,17 +79,11 @@ async def rp_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[Factory]:
     async def start(data_dir: Path | None = None, **overrides: Any) -> RP:
         overrides.setdefault("roleplay_max_reply_tokens", REPLY_TOKENS)
         settings = Settings(model=v7_path, data_dir=data_dir or tmp_path / "data", **overrides)
-        app = create_app(settings)
         stack = contextlib.AsyncExitStack()
-        await stack.enter_async_context(app.router.lifespan_context(app))
-        await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
-        )
+        served = await stack.enter_async_context(running_app(settings))
         stacks.append(stack)
-        app.state.exit_stack = stack
-        return RP(app, client, settings)
+        served.app.state.exit_stack = stack
+        return RP(served.app, served.client, settings)
 
     yield start
     for stack in reversed(stacks):

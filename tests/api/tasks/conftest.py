@@ -3,18 +3,16 @@ directory (restart persistence)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from taskhelp import RestartFactory, Served
 
-from rwkv_gateway.app import create_app
 from rwkv_gateway.settings import Settings
+from support.app import running_app
 
 
 @pytest.fixture
@@ -25,11 +23,7 @@ def app_on(v7_path: Path) -> RestartFactory:
     @contextlib.asynccontextmanager
     async def run(data_dir: Path, **overrides: Any) -> AsyncIterator[Served]:
         settings = Settings(**{"model": v7_path, "data_dir": data_dir, **overrides})
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.services.model.ready.wait(), 60)
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-                yield Served(app, client, settings)
+        async with running_app(settings) as served:
+            yield served
 
     return run

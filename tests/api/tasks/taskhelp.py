@@ -9,24 +9,12 @@ import itertools
 import json
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
-from fastapi import FastAPI
 
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams, TextDelta
-from rwkv_gateway.settings import Settings
-
-
-@dataclass(slots=True)
-class Served:
-    """A started app and a client bound to it (the shape of tests/api/conftest.py's `served`)."""
-
-    app: FastAPI
-    client: httpx.AsyncClient
-    settings: Settings
-
+from support.app import Served
 
 #: `async with app_on(data_dir, **settings) as served:` (the fixture in conftest.py).
 RestartFactory = Callable[..., contextlib.AbstractAsyncContextManager[Served]]

@@ -4,7 +4,6 @@ stream shapes, greedy output equal to the engine's, the prefix cache across turn
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
@@ -26,6 +25,7 @@ from rwkv_gateway.engine import admission as admission_mod
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.services.credentials import CredentialService
+from support import idle
 
 if TYPE_CHECKING:
     from tests.api.conftest import ServeFactory
@@ -93,15 +93,6 @@ async def engine_greedy(wx: Wenxin, messages: list[ChatMessage], max_tokens: int
     )
     text, _ = await stream.collect()
     return text.strip()
-
-
-async def idle(wx: Wenxin) -> None:
-    # The reply's follow-up prefill runs after the response is sent; a human types slower than that.
-    for _ in range(500):
-        if wx.served.app.state.services.model.engine.stats()["active_sequences"] == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("engine never went idle")
 
 
 def now_ts(offset_s: float = 0) -> str:
@@ -722,7 +713,7 @@ async def conversation(wx: Wenxin) -> tuple[list[str], list[int]]:
         body = assert_ok(
             await wx.chat({"messages": history, "system": "Be brief.", "top_k": 1, "max_output_tokens": 10})
         )
-        await idle(wx)
+        await idle(wx.served.app.state.services.model.engine)
         prefilled.append(engine.stats()["prompt_tokens"] - before)
         replies.append(body["result"])
         history.append({"role": "assistant", "content": body["result"]})
