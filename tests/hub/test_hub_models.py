@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from rwkv_gateway.engine.hub import HubFile, parse_hub_spec, resolve_model
 from rwkv_gateway.engine.loader import inspect_checkpoint
 from rwkv_gateway.errors import ModelLoadError
 from rwkv_gateway.settings import Settings
+from support import free_port
 
 CLI = [sys.executable, "-m", "rwkv_gateway"]
 
@@ -45,12 +45,6 @@ def one_error_line(out: subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in lines if line.startswith("error:")]
     assert errors == [lines[-1]], out.stderr
     return errors[0]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def repo_cache(cache: Path) -> Path:
@@ -124,7 +118,7 @@ def test_download_resumes_after_a_cut_and_later_needs_no_network(hub: FakeHub, t
     # A second start downloads nothing; with the hub gone it uses the cached revision.
     assert resolve_model(SPEC, endpoint=hub.url, cache_dir=cache) == path
     assert len(hub.gets()) == 2
-    gone = f"http://127.0.0.1:{closed_port()}"
+    gone = f"http://127.0.0.1:{free_port()}"
     assert resolve_model(SPEC, endpoint=gone, cache_dir=cache) == path
 
 
@@ -159,7 +153,7 @@ def test_hub_errors(hub: FakeHub, tmp_path: Path, spec: str, message: str) -> No
 
 
 def test_unreachable_hub_and_nothing_cached(tmp_path: Path) -> None:
-    gone = f"http://127.0.0.1:{closed_port()}"
+    gone = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ModelLoadError, match=r"cannot reach .*not in the hub cache"):
         resolve_model(SPEC, endpoint=gone, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache" / "models--BlinkDL--rwkv7-g1" / "snapshots").exists()
@@ -259,7 +253,7 @@ def test_pull_errors_are_one_line(hub: FakeHub, hf_env: dict[str, str], spec: st
 
 @pytest.mark.slow  # the same messages as test_unreachable_hub_and_nothing_cached, through the CLI
 def test_pull_without_network_or_cache(hf_env: dict[str, str]) -> None:
-    env = {**hf_env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    env = {**hf_env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     line = one_error_line(cli("pull", SPEC, env=env))
     assert "cannot reach" in line and "not in the hub cache" in line
     offline = one_error_line(cli("pull", SPEC, env={**hf_env, "HF_HUB_OFFLINE": "1"}))
@@ -273,7 +267,7 @@ def test_serve_errors_on_a_hub_model(hub: FakeHub, hf_env: dict[str, str], tmp_p
 
 @pytest.mark.slow
 def test_serve_a_hub_model(hub: FakeHub, hf_env: dict[str, str], tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*CLI, "serve", "--model", SPEC, "--data-dir", str(tmp_path / "data"), "--port", str(port)],
         env={**os.environ, **hf_env},
