@@ -47,7 +47,7 @@ from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics, chain
 from rwkv_gateway.services.requestlog import RequestLogger
 from rwkv_gateway.services.roleplay import RoleplayService
-from rwkv_gateway.services.roleplay_guests import Guests, sweep_guests_forever
+from rwkv_gateway.services.roleplay_guests import sweep_guests_forever
 from rwkv_gateway.services.tasks import TaskConfig, TaskService
 from rwkv_gateway.services.users import UserService
 from rwkv_gateway.settings import Settings
@@ -76,9 +76,7 @@ async def _load_engine(services: Services) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(
-    app: FastAPI, *, injected: Scheduler | None, storage: SqlStorage, guests: Guests
-) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI, *, injected: Scheduler | None, storage: SqlStorage) -> AsyncIterator[None]:
     services = services_of(app)
     settings, model = services.settings, services.model
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +84,9 @@ async def _lifespan(
     db_engine = create_db_engine(settings.database_url)
     bind_session_factory(storage.sessions, db_engine)
     guest_sweeper = asyncio.create_task(
-        sweep_guests_forever(guests, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s),
+        sweep_guests_forever(
+            services.roleplay.guests, settings.roleplay_guest_ttl_s, settings.roleplay_guest_sweep_s
+        ),
         name="roleplay-guest-sweeper",
     )
     await services.request_log.start()
@@ -123,12 +123,17 @@ def services_of(app: FastAPI) -> Services:
     return services
 
 
-def _build_services(
-    settings: Settings, model: ModelSlot, storage: SqlStorage, roleplay: RoleplayService
-) -> Services:
+def _build_services(settings: Settings, model: ModelSlot, storage: SqlStorage) -> Services:
     """The container the routes read: every service on one storage, whose session factory the
     lifespan binds to the database once it is migrated and open."""
     credentials = CredentialService(storage)
+    # Role-play: accounts and conversations; the lifespan runs the idle-guest sweeper.
+    roleplay = RoleplayService(
+        storage,
+        model.get,
+        max_reply_tokens=settings.roleplay_max_reply_tokens,
+        max_avatar_bytes=settings.roleplay_max_avatar_bytes,
+    )
     # Task API: the task registry (its runs need the engine, which each call passes in).
     tasks = TaskService(
         storage,
@@ -230,21 +235,13 @@ class _GatewayApp(FastAPI):
 def create_app(settings: Settings, *, engine: Scheduler | None = None) -> FastAPI:
     """Build the app. `engine` injects a ready-built engine (tests); otherwise the lifespan loads one."""
     storage = SqlStorage(make_session_factory())  # bound by the lifespan, once the database is open
-    model = ModelSlot()
-    # Role-play: accounts and conversations; the lifespan runs the idle-guest sweeper.
-    roleplay = RoleplayService(
-        storage,
-        model.get,
-        max_reply_tokens=settings.roleplay_max_reply_tokens,
-        max_avatar_bytes=settings.roleplay_max_avatar_bytes,
-    )
     app = _GatewayApp(
         title="rwkv-gateway",
         version=__version__,
         summary="One RWKV model behind the OpenAI, wenxinworkshop, ChatGLM, role-play and Task APIs.",
-        lifespan=functools.partial(_lifespan, injected=engine, storage=storage, guests=roleplay.guests),
+        lifespan=functools.partial(_lifespan, injected=engine, storage=storage),
     )
-    app.state.services = _build_services(settings, model, storage, roleplay)
+    app.state.services = _build_services(settings, ModelSlot(), storage)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(tasks_router.router)  # /v1/tasks/* before the OpenAI /v1/* routes
