@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rwkv_gateway.domain.engine import Engine, TokenStream
-from rwkv_gateway.domain.roleplay_store import CardFields as CardFields  # re-exported: services/users.py
 from rwkv_gateway.domain.types import Finish, FinishReason, Snapshot, TextDelta
 from rwkv_gateway.errors import GatewayError
 

@@ -28,6 +28,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from rwkv_gateway.domain.roleplay_store import CardFields
 from rwkv_gateway.domain.storage import Storage, utcnow
 from rwkv_gateway.domain.user_store import UserUnit
 from rwkv_gateway.errors import GatewayError, InvalidParameter, NotFound
@@ -41,7 +42,6 @@ from rwkv_gateway.services.roleplay_types import (
     MSG_NO_USER,
     MSG_STALE_TOKEN,
     Account,
-    CardFields,
     RoleplayFailure,
 )
 
