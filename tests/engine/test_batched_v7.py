@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_gateway.engine import protocol
+from rwkv_gateway.engine import backend_batched_v7, protocol, wkv
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.backend_rwkv import RwkvPackageBackend
 from rwkv_gateway.engine.demo_model import write_demo_model
@@ -505,9 +505,9 @@ def test_chunked_wkv_equals_the_recurrence(batched: BatchedRwkv7Backend, B: int,
     state, *seq = wkv_inputs(g, B, T, H, N)
     y_ref, s_ref = reference_wkv(state, *seq)
     flat = [x.reshape(B, T, H * N) for x in seq]
-    for form in (batched._wkv_chunked, batched._wkv):
+    for form in (wkv.wkv_chunked, wkv.wkv_loop):
         before = state.clone()
-        y, s = form(state, *flat)
+        y, s = form(state, *flat, n_head=H, head_size=N)
         assert torch.equal(state, before)  # the caller's state is only read
         assert (y.dtype, y.shape) == (torch.float32, (B, T, H * N))
         assert (s.dtype, s.shape) == (torch.float32, state.shape)
@@ -527,13 +527,13 @@ def test_forward_is_the_same_through_either_wkv_form(
     starts = [random_state(batched, g) for _ in lengths]
     tokens = [random_tokens(g, n) for n in lengths]
     calls: list[int] = []
-    real = batched._wkv_chunked
+    real = wkv.wkv_chunked
 
-    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def spy(*args: torch.Tensor, **heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(args[1].shape[1])
-        return real(*args)
+        return real(*args, **heads)
 
-    monkeypatch.setattr(batched, "_wkv_chunked", spy)
+    monkeypatch.setattr(backend_batched_v7, "wkv_chunked", spy)
     chunked_logits, chunked_states = batched.forward(tokens, [clone(s) for s in starts])
     # Groups by length bucket, each padded to its longest: [40, 33, 64] -> 64, [17], [16, 9] -> 16; [3] loops.
     assert sorted(calls) == sorted([16, 17, 64] * batched.info.n_layer)
