@@ -812,7 +812,7 @@ def test_flat_top_p_rejection_draws_follow_the_nucleus_ties_by_id(monkeypatch: p
     """A flat 65536-token row is drawn by rejection. 20 tied tokens hold 0.64 of the mass and top_p 0.5
     cuts through them: the nucleus is the 16 lowest ids of the tie (the 16th's mass before it is 0.48),
     each 1/16 of the draws; about 1 in 18 draws misses four times and takes the exact search."""
-    from rwkv_gateway.engine import sampler as sampler_mod
+    from rwkv_gateway.engine import distributions
 
     vocab = 65536
     tied = sorted(torch.randperm(vocab, generator=torch.Generator().manual_seed(3))[:20].tolist())
@@ -820,13 +820,13 @@ def test_flat_top_p_rejection_draws_follow_the_nucleus_ties_by_id(monkeypatch: p
     probs[tied] = 0.032
     logits = probs.log().float()
     searches = {"n": 0}
-    real = sampler_mod._nucleus_by_histogram
+    real = distributions.nucleus_by_histogram
 
     def counted(p: torch.Tensor, top_p: float) -> Any:
         searches["n"] += 1
         return real(p, top_p)
 
-    monkeypatch.setattr(sampler_mod, "_nucleus_by_histogram", counted)
+    monkeypatch.setattr(distributions, "nucleus_by_histogram", counted)
     sampler = make(vocab, top_p=0.5, seed=11)
     allowed = torch.nonzero(sampler.probabilities(logits)).flatten().tolist()
     assert allowed == tied[:16]
