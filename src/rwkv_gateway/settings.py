@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     chat_assistant_label: str = Field(default="Assistant", min_length=1)
     chat_collapse_blank_lines: bool = True
     chat_stop_on_blank_line: bool = False
+    chat_template: Literal["auto", "world", "g-series"] = Field(
+        default="auto",
+        description="chat template: auto picks g-series (think modes) for rwkv7-g* checkpoints, "
+        "world otherwise",
+    )
     default_max_tokens: int = Field(
         default=1024, ge=1, description="max_tokens when a chat request sets none"
     )

@@ -54,6 +54,7 @@ async def test_readyz_is_503_until_the_model_is_loaded(
         body = ready.json()
         assert body["status"] == "ready" and body["model"] == "tiny-v7" and body["rwkv_version"] == "7"
         assert body["strategy"] == "cpu fp32" and body["demo_model"] is False
+        assert body["chat_template"] == "world"
         assert body["queue_depth"] == 0 and body["active_sequences"] == 0
 
 

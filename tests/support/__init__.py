@@ -6,7 +6,7 @@ Fixtures stay in the conftest.py files; this package holds the plain functions t
 and live-server modules are imported by name, so a test that needs neither imports no web stack.
 """
 
-from support.engine import idle
+from support.engine import idle, model_info
 from support.net import free_port, port_is_free, wait_for_free_port
 
-__all__ = ["free_port", "idle", "port_is_free", "wait_for_free_port"]
+__all__ = ["free_port", "idle", "model_info", "port_is_free", "wait_for_free_port"]

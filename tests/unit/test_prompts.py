@@ -8,6 +8,7 @@ import pytest
 
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
 from rwkv_gateway.settings import Settings
+from support import model_info
 
 
 def test_world_template_keeps_every_system_message_and_collapses_blank_lines() -> None:
@@ -34,6 +35,7 @@ def test_labels_and_stops_are_configurable() -> None:
 
 
 def test_every_chat_dialect_builds_its_template_from_the_chat_settings(tmp_path: Path) -> None:
+    model = model_info("/models/tiny-v7.pth")
     settings = Settings(
         data_dir=tmp_path,
         chat_system_label="Context",
@@ -42,14 +44,14 @@ def test_every_chat_dialect_builds_its_template_from_the_chat_settings(tmp_path:
         chat_collapse_blank_lines=False,
         chat_stop_on_blank_line=True,
     )
-    assert chat_template(settings) == ChatTemplate(
+    assert chat_template(settings, model) == ChatTemplate(
         system_label="Context",
         user_label="Question",
         assistant_label="Answer",
         collapse_blank_lines=False,
         stop_on_blank_line=True,
     )
-    assert chat_template(Settings(data_dir=tmp_path)) == ChatTemplate()
+    assert chat_template(Settings(data_dir=tmp_path), model) == ChatTemplate()
     assert ChatTemplate().render([ChatMessage("user", "x")], add_generation_prompt=False) == "User: x\n\n"
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from rwkv_gateway.api.common.deps import ServicesDep
+from rwkv_gateway.domain.prompts import chat_template
 
 router = APIRouter(tags=["health"])
 
@@ -38,6 +39,7 @@ async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
         "rwkv_version": info.version,
         "strategy": info.strategy,
         "demo_model": info.is_demo,
+        "chat_template": chat_template(services.settings, info).name,
         "n_layer": info.n_layer,
         "n_embd": info.n_embd,
         "vocab_size": info.vocab_size,

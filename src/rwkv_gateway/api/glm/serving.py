@@ -122,7 +122,7 @@ class GLMChat:
         self.settings = settings
         self.req = req
         self.model = model_name(engine, settings)
-        self.template = chat_template(settings)
+        self.template = chat_template(settings, engine.info)
 
     async def engine_request(self) -> tuple[GenerationRequest, int]:
         """The generation request and the token count of the `prompt` field."""

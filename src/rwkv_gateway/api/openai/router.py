@@ -36,16 +36,16 @@ def _sse(events: Any) -> EventSourceResponse:
 
 
 @router.get("/models")
-async def list_models(engine: EngineDep, _key: KeyDep) -> dict[str, Any]:
-    """The served model (one per process)."""
-    return {"object": "list", "data": [serving.model_card(engine.info, _STARTED)]}
+async def list_models(engine: EngineDep, settings: SettingsDep, _key: KeyDep) -> dict[str, Any]:
+    """The served model (one per process), with the chat template it is served with."""
+    return {"object": "list", "data": [serving.model_card(engine.info, _STARTED, settings)]}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, engine: EngineDep, _key: KeyDep) -> dict[str, Any]:
+async def get_model(model_id: str, engine: EngineDep, settings: SettingsDep, _key: KeyDep) -> dict[str, Any]:
     """One model; an unknown id is a 404 `model_not_found`."""
     serving.check_model(model_id, engine.info)
-    return serving.model_card(engine.info, _STARTED)
+    return serving.model_card(engine.info, _STARTED, settings)
 
 
 async def _respond(
@@ -93,7 +93,7 @@ async def vllm_tokenize(body: TokenizeRequest, engine: EngineDep, settings: Sett
     serving.check_model(body.model, engine.info)
     if body.messages is not None:
         # Counted the way chat requests are tokenized: turn by turn.
-        template = chat_template(settings)
+        template = chat_template(settings, engine.info)
         messages = serving.chat_messages(body.messages)
         pieces = template.segments(messages, add_generation_prompt=body.add_generation_prompt)
         tokens = [t for piece in pieces for t in engine.codec.encode(piece)]

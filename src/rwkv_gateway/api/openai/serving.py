@@ -55,8 +55,16 @@ def check_model(requested: str | None, info: ModelInfo) -> str:
     return served
 
 
-def model_card(info: ModelInfo, created: int) -> dict[str, Any]:
-    return {"id": model_id(info), "object": "model", "created": created, "owned_by": "rwkv"}
+def model_card(info: ModelInfo, created: int, settings: Settings) -> dict[str, Any]:
+    # `chat_template` is ours (not in OpenAI's model object): which prompt format, and so which think
+    # modes, chat requests get (docs/openai.md).
+    return {
+        "id": model_id(info),
+        "object": "model",
+        "created": created,
+        "owned_by": "rwkv",
+        "chat_template": chat_template(settings, info).name,
+    }
 
 
 def sampling_params(req: SamplingFields, vocab_size: int) -> SamplingParams:
@@ -322,7 +330,7 @@ class ChatCompletion(_Completion):
         req, settings = self.req, self.settings
         if req.tools:
             raise InvalidParameter("tools / function calling are not supported by this model", param="tools")
-        template = chat_template(settings)
+        template = chat_template(settings, self.engine.info)
         limit = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens

@@ -25,7 +25,7 @@ from typing import Any
 
 from rwkv_gateway.api.wenxin.errors import error_json
 from rwkv_gateway.api.wenxin.schemas import WenxinChatRequest
-from rwkv_gateway.domain.engine import Engine, TokenStream
+from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ReplyTrimmer, chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter
@@ -83,9 +83,9 @@ def max_output_tokens(req: WenxinChatRequest, settings: Settings) -> int:
 
 
 def engine_request(
-    req: WenxinChatRequest, settings: Settings, *, api_key_id: str | None = None
+    req: WenxinChatRequest, settings: Settings, model: ModelInfo, *, api_key_id: str | None = None
 ) -> GenerationRequest:
-    template = chat_template(settings)
+    template = chat_template(settings, model)
     return GenerationRequest(
         # Turn by turn, so a conversation that resends its history continues from cached states.
         prompt_segments=template.segments(chat_messages(req)),
@@ -139,7 +139,7 @@ class ChatCompletion:
         cls, engine: Engine, req: WenxinChatRequest, settings: Settings, *, api_key_id: str | None
     ) -> ChatCompletion:
         # Admission before any response exists: a full queue is a real error answer, not a broken stream.
-        stream = await engine.submit(engine_request(req, settings, api_key_id=api_key_id))
+        stream = await engine.submit(engine_request(req, settings, engine.info, api_key_id=api_key_id))
         return cls(stream, tuple(req.stop or ()), response_id(), int(time.time()))
 
     def cancel(self) -> None:
