@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         default=1024, ge=1, description="max_tokens when a chat request sets none"
     )
+    default_reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None,
+        description="OpenAI reasoning_effort when a chat request sets none (G-series models; unset: no "
+        "think block)",
+    )
 
     # Baidu wenxinworkshop dialect (/oauth/2.0/token, /rpc/2.0/ai_custom/v1/wenxinworkshop/chat/{api_name})
     wenxin_api_names: list[str] = Field(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NonNegInt = Annotated[int, Field(ge=0)]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
 class _Wire(BaseModel):
@@ -101,6 +102,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    #: G-series think mode (docs/openai.md#reasoning); World models accept it and ignore it.
+    reasoning_effort: ReasoningEffort | None = None
 
 
 class CompletionRequest(SamplingFields):

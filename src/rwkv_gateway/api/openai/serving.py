@@ -15,7 +15,7 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -28,7 +28,8 @@ from rwkv_gateway.api.openai.schemas import (
     SamplingFields,
 )
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode, chat_template
+from rwkv_gateway.domain.reasoning import ThinkSplitter
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
 from rwkv_gateway.settings import Settings
@@ -110,8 +111,21 @@ def chat_messages(messages: Sequence[ChatMessageIn]) -> list[ChatMessage]:
         raise InvalidParameter(str(exc), param="messages") from None
 
 
-def chat_segments(req: ChatCompletionRequest, template: ChatTemplate) -> tuple[str, ...]:
-    return template.segments(chat_messages(req.messages))
+def chat_segments(
+    req: ChatCompletionRequest, template: ChatTemplate, think: ThinkMode = "off"
+) -> tuple[str, ...]:
+    return template.segments(chat_messages(req.messages), think=think)
+
+
+#: OpenAI reasoning_effort -> G-series think mode (docs/openai.md#reasoning).
+THINK_BY_EFFORT: dict[str | None, ThinkMode] = {
+    None: "off",
+    "none": "fake",
+    "minimal": "fake",
+    "low": "short",
+    "medium": "think",
+    "high": "long",
+}
 
 
 def finish_reason(finish: Finish) -> str:
@@ -201,22 +215,34 @@ def text_or_token_inputs(raw: str | list[str] | list[int] | list[list[int]]) -> 
     return out
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
+def usage_dict(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    reasoning_tokens: int | None = None,
+) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         # Prompt tokens served from the prefix cache (not prefilled again), as OpenAI reports them.
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:  # chat completions: the think block's share of the completion
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
-async def collect_all(admitted: Admitted) -> tuple[list[str], list[Finish]]:
+async def collect_all(
+    admitted: Admitted, on_delta: Callable[[int, TextDelta], object] | None = None
+) -> tuple[list[str], list[Finish]]:
     texts = [""] * len(admitted.streams)
     finishes: list[Finish | None] = [None] * len(admitted.streams)
     async for index, event in merged(admitted.streams):
         if isinstance(event, TextDelta):
             texts[index] += event.text
+            if on_delta is not None:
+                on_delta(index, event)
         else:
             finishes[index] = event
     done = [f for f in finishes if f is not None]
@@ -254,11 +280,18 @@ class _Completion:
     def _opening(self, index: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
+    def _delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
+    def _closing(self, index: int, finish: Finish) -> list[dict[str, Any]]:
+        """The last chunks of a choice: any text still held, then its finish_reason."""
         raise NotImplementedError
+
+    def _absorb(self, index: int, delta: TextDelta) -> None:
+        """A delta of a non-streamed choice, seen as it arrives (for what depends on chunk order)."""
+
+    def _reasoning_tokens(self) -> int | None:
+        return None
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -281,12 +314,12 @@ class _Completion:
         return dumps(body)
 
     async def response(self, admitted: Admitted) -> dict[str, Any]:
-        texts, finishes = await collect_all(admitted)
+        texts, finishes = await collect_all(admitted, self._absorb)
         choices = [self._choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
         body = self._envelope(self.object_name, choices)
         completion = sum(f.usage.completion_tokens for f in finishes)
         cached = admitted.cached_tokens + sum(f.usage.cached_tokens for f in finishes)
-        body["usage"] = usage_dict(admitted.prompt_tokens, completion, cached)
+        body["usage"] = usage_dict(admitted.prompt_tokens, completion, cached, self._reasoning_tokens())
         return body
 
     async def events(self, admitted: Admitted) -> AsyncIterator[str]:
@@ -298,16 +331,18 @@ class _Completion:
                     yield self._chunk([opening])
             async for i, event in merged(admitted.streams):
                 if isinstance(event, TextDelta):
-                    if (delta := self._delta(i, event.text)) is not None:
+                    if (delta := self._delta(i, event)) is not None:
                         yield self._chunk([delta])
                     continue
                 if (failure := event.failure()) is not None:
                     raise failure  # sent in-band below
                 completion += event.usage.completion_tokens
                 cached += event.usage.cached_tokens
-                yield self._chunk([self._closing(i, event)])
+                for closing in self._closing(i, event):
+                    yield self._chunk([closing])
             if self._include_usage:
-                yield self._chunk([], usage_dict(admitted.prompt_tokens, completion, cached))
+                usage = usage_dict(admitted.prompt_tokens, completion, cached, self._reasoning_tokens())
+                yield self._chunk([], usage)
             yield DONE
         except GatewayError as exc:
             yield stream_error_event(exc)
@@ -324,20 +359,24 @@ class ChatCompletion(_Completion):
     def __init__(self, engine: Engine, settings: Settings, req: ChatCompletionRequest) -> None:
         super().__init__(engine, settings, req)
         self.req = req
-        self._trimmers = [ReplyTrimmer() for _ in range(req.n)]
+        self.template = chat_template(settings, engine.info)
+        effort = req.reasoning_effort or settings.default_reasoning_effort
+        self.think = self.template.think_mode(THINK_BY_EFFORT[effort])  # "off" on World models
+        self._splits = [ThinkSplitter(self.think) for _ in range(req.n)]
 
     def engine_request(self) -> GenerationRequest:
-        req, settings = self.req, self.settings
+        req, settings, template = self.req, self.settings, self.template
         if req.tools:
             raise InvalidParameter("tools / function calling are not supported by this model", param="tools")
-        template = chat_template(settings, self.engine.info)
         limit = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens
         return GenerationRequest(
             # Turn by turn, so a conversation that resends its history continues from cached states.
-            prompt_segments=chat_segments(req, template),
-            reply_followup=template.assistant_followup if req.n == 1 else None,
+            prompt_segments=chat_segments(req, template, self.think),
+            # A think-mode prompt ends inside the think block, which the next turn's history does not
+            # repeat: a state cached after the reply would never be asked for.
+            reply_followup=template.assistant_followup if req.n == 1 and self.think == "off" else None,
             sampling=sampling_params(req, self.engine.info.vocab_size),
             max_tokens=max_tokens,
             stop=(*template.stops, *req.stop_list()),
@@ -350,22 +389,39 @@ class ChatCompletion(_Completion):
         base.api_key_id = api_key_id
         return await admit(self.engine, base, self.req.n)
 
-    def _choice(self, index: int, text: str, finish: Finish) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text.strip(), "refusal": None}
+    def _absorb(self, index: int, delta: TextDelta) -> None:
+        self._splits[index].push(delta.text, len(delta.token_ids))
+
+    def _reasoning_tokens(self) -> int:
+        return sum(s.reasoning_tokens for s in self._splits)
+
+    def _choice(self, index: int, _text: str, finish: Finish) -> dict[str, Any]:
+        split = self._splits[index]
+        split.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": split.content}
+        if split.thinking:
+            message["reasoning_content"] = split.reasoning
+        message["refusal"] = None
         return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(finish)}
 
     def _opening(self, index: int) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
-    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
-        # Streams are trimmed like the whole reply, so both give the same text.
-        if not (text := self._trimmers[index].push(text)):
-            return None
-        return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    def _text_delta(self, index: int, reasoning: str, content: str) -> dict[str, Any] | None:
+        delta = {"reasoning_content": reasoning} if reasoning else {}
+        if content:
+            delta["content"] = content
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
 
-    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(finish)}
+    def _delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
+        # Streams are split and trimmed like the whole reply, so both give the same texts.
+        return self._text_delta(index, *self._splits[index].push(delta.text, len(delta.token_ids)))
+
+    def _closing(self, index: int, finish: Finish) -> list[dict[str, Any]]:
+        held = self._text_delta(index, *self._splits[index].finish())
+        last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(finish)}
+        return [held, last] if held is not None else [last]
 
 
 class TextCompletion(_Completion):
@@ -436,11 +492,12 @@ class TextCompletion(_Completion):
         echo = self._echo(index)
         return {"text": echo, "index": index, "logprobs": None, "finish_reason": None} if echo else None
 
-    def _delta(self, index: int, text: str) -> dict[str, Any] | None:
+    def _delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
+        text = delta.text
         return {"text": text, "index": index, "logprobs": None, "finish_reason": None} if text else None
 
-    def _closing(self, index: int, finish: Finish) -> dict[str, Any]:
-        return {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(finish)}
+    def _closing(self, index: int, finish: Finish) -> list[dict[str, Any]]:
+        return [{"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(finish)}]
 
 
 # ---------------------------------------------------------------------------- embeddings

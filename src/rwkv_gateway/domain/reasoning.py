@@ -1,0 +1,97 @@
+"""A G-series reply -> its reasoning and its answer, chunk by chunk
+(docs/chat-prompts.md#6-reasoning-and-answer).
+
+In the think modes the prompt ends inside the think block (`"Assistant: <think"`), so the model first
+writes `>` (finishing the tag), then its reasoning, then `</think>`, then the answer. In fake think
+the prompt closed the block itself (`"...</think"`): the model writes the final `>`, then the answer.
+`ThinkSplitter` turns the streamed text into (reasoning, content) deltas whatever the chunk boundaries,
+so the deltas of a stream add up to exactly what the whole reply gives.
+"""
+
+from __future__ import annotations
+
+from rwkv_gateway.domain.prompts import ReplyTrimmer, ThinkMode
+
+CLOSE_TAG = "</think>"
+THINKING: frozenset[ThinkMode] = frozenset({"short", "think", "long"})
+
+
+def _tag_start(text: str) -> int:
+    """Length of the longest end of `text` that could still grow into `</think>`."""
+    for k in range(min(len(text), len(CLOSE_TAG) - 1), 0, -1):
+        if text.endswith(CLOSE_TAG[:k]):
+            return k
+    return 0
+
+
+class ThinkSplitter:
+    """Splits one reply into reasoning and content.
+
+    - Thinking modes: everything before the first `</think>` is reasoning, less one leading `>` and
+      surrounding whitespace; everything after it is content, less surrounding whitespace. A reply that
+      never closes the block (cut by max_tokens) is all reasoning, with empty content.
+    - Fake think: everything is content, less one leading `>` and surrounding whitespace.
+    - Off: everything is content, less surrounding whitespace (the plain chat reply).
+
+    Text that might be the start of `</think>` is held until the next chunk decides, and trailing
+    whitespace until something follows it. `reasoning_tokens` counts the tokens of the chunks that
+    arrived while the block was open (the one that closes it included).
+    """
+
+    def __init__(self, think: ThinkMode) -> None:
+        self.thinking = think in THINKING
+        self._in_block = self.thinking
+        self._drop_gt = think != "off"
+        self._held = ""
+        self._reasoning = ReplyTrimmer()
+        self._content = ReplyTrimmer()
+        self.reasoning = ""
+        self.content = ""
+        self.reasoning_tokens = 0
+
+    def push(self, text: str, n_tokens: int = 0) -> tuple[str, str]:
+        """The next chunk of the reply -> the (reasoning, content) text it releases."""
+        if self._in_block:
+            self.reasoning_tokens += n_tokens
+        text = self._held + text
+        self._held = ""
+        if self._drop_gt:
+            if not text:
+                return "", ""
+            self._drop_gt = False
+            if text.startswith(">"):
+                text = text[1:]
+        if not self._in_block:
+            return self._emit("", text)
+        end = text.find(CLOSE_TAG)
+        if end >= 0:
+            self._in_block = False
+            return self._emit(text[:end], text[end + len(CLOSE_TAG) :], closed=True)
+        keep = _tag_start(text)
+        self._held = text[len(text) - keep :]
+        return self._emit(text[: len(text) - keep], "")
+
+    def finish(self) -> tuple[str, str]:
+        """End of the reply: held text that never became `</think>` is reasoning after all."""
+        held, self._held = self._held, ""
+        out = self._emit(held, "") if held else ("", "")
+        self._reasoning.flush()
+        self._content.flush()
+        return out
+
+    def _emit(self, reasoning: str, content: str, *, closed: bool = False) -> tuple[str, str]:
+        r = self._reasoning.push(reasoning) if reasoning else ""
+        if closed:
+            self._reasoning.flush()  # whitespace before </think> is not part of the reasoning
+        c = self._content.push(content) if content else ""
+        self.reasoning += r
+        self.content += c
+        return r, c
+
+
+def split_reply(text: str, think: ThinkMode) -> tuple[str, str]:
+    """The (reasoning, content) of a whole reply."""
+    splitter = ThinkSplitter(think)
+    splitter.push(text)
+    splitter.finish()
+    return splitter.reasoning, splitter.content
