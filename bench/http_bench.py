@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spawn import serve, wait_ready, write_model
-from stats import percentile, save_result
+from stats import Arrivals, percentile, save_result
 
 if TYPE_CHECKING:
     import httpx
@@ -46,9 +46,7 @@ async def one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[st
     """One streamed chat completion: start, first content delta, end (perf_counter), tokens, and the
     longest wait between two content deltas after the first (`gap`, seconds)."""
     t0 = time.perf_counter()
-    first: float | None = None
-    last: float | None = None
-    gap = 0.0
+    arrivals = Arrivals()
     tokens = 0
     error: str | None = None
     finish: str | None = None
@@ -68,22 +66,19 @@ async def one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[st
                 continue
             for choice in event.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
-                    now = time.perf_counter()
-                    first = first or now
-                    gap = max(gap, now - (last or now))
-                    last = now
+                    arrivals.mark()
                 finish = choice.get("finish_reason") or finish
             if event.get("usage"):
                 tokens = int(event["usage"]["completion_tokens"])
     end = time.perf_counter()
     return {
         "start": t0,
-        "first": first,
+        "first": arrivals.first,
         "end": end,
         "tokens": tokens,
         "error": error,
         "finish": finish,
-        "gap": gap,
+        "gap": arrivals.gap,
     }
 
 

@@ -66,7 +66,7 @@ from http_bench import one_stream
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.loader import load_model
 from spawn import Server, serve, write_model
-from stats import percentile, save_result
+from stats import Arrivals, percentile, save_result
 
 UI_SAMPLING = {"tau": "3", "rate": "0.1", "min_p": "0.05", "temperature": "2", "presence_penalty": "0.2"}
 CHARACTER = "星野"
@@ -189,29 +189,31 @@ async def roleplay_user(client: httpx.AsyncClient, index: int, start: Start, run
     fields = {**me, "prompt": f"你好！给我讲讲{topic}的故事吧。（{run_id}-{index}）", **UI_SAMPLING}
     await start.ready()
     t0 = time.perf_counter()
-    first: float | None = None
-    last: float | None = None
-    gap = 0.0
+    arrivals = Arrivals()
     chunks = 0
     tail = b""
     error: str | None = None
     async with client.stream("POST", "/chat/reply", data=fields) as resp:
         async for raw in resp.aiter_raw():
-            if first is None and not raw.startswith(ROLEPLAY_EVENT):  # an error: one JSON body
+            if arrivals.first is None and not raw.startswith(ROLEPLAY_EVENT):  # an error: one JSON body
                 error = raw.decode(errors="replace")[:200]
                 break
             # Every event resends the whole reply so far; count event starts, not bytes.
             data = tail + raw
             count = data.count(ROLEPLAY_EVENT)
             if count:
-                now = time.perf_counter()
-                first = first or now
-                gap = max(gap, now - (last or now))
-                last = now
+                arrivals.mark()
             chunks += count
             tail = data[-(len(ROLEPLAY_EVENT) - 1) :]
     end = time.perf_counter()
-    return {"start": t0, "first": first, "end": end, "chunks": chunks, "error": error, "gap": gap}
+    return {
+        "start": t0,
+        "first": arrivals.first,
+        "end": end,
+        "chunks": chunks,
+        "error": error,
+        "gap": arrivals.gap,
+    }
 
 
 async def openai_user(

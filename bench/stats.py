@@ -24,3 +24,21 @@ def save_result(result: dict[str, Any], out: str | None, prefix: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+class Arrivals:
+    """When a stream's pieces arrived: the first (perf_counter), and the longest wait between two
+    consecutive ones (`gap`, seconds; 0 with fewer than two)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.gap = 0.0
+        self._last = 0.0
+
+    def mark(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.gap = max(self.gap, now - self._last)
+        self._last = now
