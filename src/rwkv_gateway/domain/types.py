@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
+from rwkv_gateway.domain.constraints import OutputConstraint
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, NotReady
 
 
@@ -152,6 +153,8 @@ class GenerationRequest:
     #: engine then prefills that after the reply is sent, so the next turn prefills only its new text.
     reply_followup: Callable[[str], str] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    #: Keep the output inside a grammar (structured output, tool calls); see domain/constraints.py.
+    constraint: OutputConstraint | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()

@@ -1,0 +1,56 @@
+"""What a constrained generation must keep its output inside (structured output and tool calls).
+
+Dialects say *what* (a JSON object, a value of a JSON Schema, a raw grammar, a tool call from a
+list); the engine (`engine/grammar.py`) says *how*, by compiling this into a grammar matcher that
+masks the sampler's logits at every step. Nothing here imports the grammar library. See
+docs/structured-output.md.
+
+A tool call is written in the model's output as
+
+    <tool_call>{"name": "NAME", "arguments": {...}}</tool_call>
+
+one per call (several in a row when parallel calls are allowed). `domain/tool_calls.py` renders
+earlier calls into the prompt in exactly this form and parses it out of replies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TOOL_CALL_BEGIN = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+
+ConstraintKind = Literal["json_object", "json_schema", "grammar", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One callable function: its name and its parameters' JSON Schema (as JSON text)."""
+
+    name: str
+    parameters_schema: str = '{"type": "object"}'
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """One request's output constraint. Frozen and hashable, so compiled grammars can be cached on it.
+
+    - `json_object`: one JSON object, any keys.
+    - `json_schema`: one JSON value valid against `schema` (JSON text); `strict` as OpenAI's flag
+      (both are enforced; strict additionally forbids properties the schema does not name).
+    - `grammar`: `grammar` is a raw grammar in the engine's syntax (docs/structured-output.md).
+    - `tool_calls`: with `tool_mode="required"` the whole reply is one or more calls (one only
+      unless `parallel`); with `"auto"` the reply is either plain text or calls.
+
+    The reply ends when the constrained value is complete (`Finish.reason` "stop"); `max_tokens`
+    hit first ends it with "length" and the value is partial.
+    """
+
+    kind: ConstraintKind
+    schema: str | None = None
+    strict: bool = False
+    grammar: str | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_mode: Literal["auto", "required"] = "required"
+    parallel: bool = True
