@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="OpenAI reasoning_effort when a chat request sets none (G-series models; unset: no "
         "think block)",
     )
+    glm_wenxin_think: Literal["off", "fake", "short", "think", "long"] = Field(
+        default="fake",
+        description="G-series think mode of the ChatGLM and wenxin dialects, which have no reasoning "
+        "field: fake answers at once; short/think/long think first and the think block is left out of "
+        "the reply; off uses the plain World prompt",
+    )
 
     # Baidu wenxinworkshop dialect (/oauth/2.0/token, /rpc/2.0/ai_custom/v1/wenxinworkshop/chat/{api_name})
     wenxin_api_names: list[str] = Field(

@@ -14,6 +14,7 @@ import pytest
 
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode
 from rwkv_gateway.engine.tokenizer import Tokenizer
+from support import idle
 
 if TYPE_CHECKING:  # the fixtures' types (conftest modules are not importable by name at run time)
     from conftest import Served, ServeFactory
@@ -114,3 +115,33 @@ async def test_bad_reasoning_effort_is_a_400(served: Served) -> None:
     resp = await served.client.post(CHAT, json=body(reasoning_effort="extreme"))
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "reasoning_effort"
+
+
+@pytest.mark.parametrize(("effort", "think"), [("none", "fake"), ("medium", "think"), (None, "off")])
+async def test_history_resent_without_the_think_block_prefills_only_the_new_turn(
+    g_series: Served, tokenizer: Tokenizer, effort: str | None, think: ThinkMode
+) -> None:
+    """The state kept after a thinking reply is the history as the client resends it (answer only),
+    so the next turn prefills its own pieces and nothing else (docs/chat-prompts.md#7)."""
+    fields = {} if effort is None else {"reasoning_effort": effort}
+    first = await g_series.client.post(CHAT, json=body(**fields))
+    assert first.status_code == 200, first.text
+    answer = first.json()["choices"][0]["message"]["content"]
+    assert answer == ("" if think == "think" else ">>>>" if think == "fake" else ">>>>>")
+    await idle(g_series.app.state.services.model.engine)
+
+    follow = "And when?"
+    messages = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": follow},
+    ]
+    second = await g_series.client.post(CHAT, json=body(messages=messages, **fields))
+    assert second.status_code == 200, second.text
+    usage = second.json()["usage"]
+    template = ChatTemplate(name="g-series")
+    whole = template.segments([ChatMessage(m["role"], m["content"]) for m in messages], think=think)
+    assert usage["prompt_tokens"] == sum(len(tokenizer.encode(s)) for s in whole)
+    new_turn = template.segments([ChatMessage("user", follow)], think=think)
+    prefilled = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert prefilled == sum(len(tokenizer.encode(s)) for s in new_turn)

@@ -10,7 +10,9 @@ so the deltas of a stream add up to exactly what the whole reply gives.
 
 from __future__ import annotations
 
-from rwkv_gateway.domain.prompts import ReplyTrimmer, ThinkMode
+from collections.abc import Callable
+
+from rwkv_gateway.domain.prompts import ChatTemplate, ReplyTrimmer, ThinkMode
 
 CLOSE_TAG = "</think>"
 THINKING: frozenset[ThinkMode] = frozenset({"short", "think", "long"})
@@ -95,3 +97,27 @@ def split_reply(text: str, think: ThinkMode) -> tuple[str, str]:
     splitter.push(text)
     splitter.finish()
     return splitter.reasoning, splitter.content
+
+
+ReplyFollowup = Callable[[str], str | tuple[str, ...]]
+
+
+def history_followup(template: ChatTemplate, think: ThinkMode) -> tuple[ReplyFollowup, int]:
+    """How a reply comes back as the next turn's history, and how many of the prompt's last pieces
+    that replaces (`GenerationRequest.reply_followup` / `reply_followup_replaces`).
+
+    Without a think block the history continues the prompt: `" {reply}\\n\\n"` after `"Assistant:"`.
+    With one, the prompt ended inside the block (`"Assistant: <think"`), but clients resend only the
+    answer: the follow-up then replaces that last piece with `"Assistant:"` and `" {answer}\\n\\n"`, so
+    the state kept after the reply is the one the next request continues from
+    (docs/chat-prompts.md#7-resent-history-after-thinking).
+    """
+    think = template.think_mode(think)
+    if think == "off":
+        return template.assistant_followup, 0
+
+    def followup(reply: str) -> tuple[str, ...]:
+        _, answer = split_reply(reply, think)
+        return f"{template.assistant_label}:", template.assistant_followup(answer)
+
+    return followup, 1

@@ -149,9 +149,14 @@ class GenerationRequest:
     prompt_segments: tuple[str, ...] | None = None
     #: Reuse and extend the engine's prefix cache (only for requests without `initial_state`).
     use_prefix_cache: bool = True
-    #: How the reply will come back as the next turn's segment (e.g. `lambda r: f" {r}\n\n"`); the
-    #: engine then prefills that after the reply is sent, so the next turn prefills only its new text.
-    reply_followup: Callable[[str], str] | None = None
+    #: How the reply will come back as the next turn's segment (e.g. `lambda r: f" {r}\n\n"`), or
+    #: segments; the engine then prefills that after the reply is sent, so the next turn prefills
+    #: only its new text.
+    reply_followup: Callable[[str], str | tuple[str, ...]] | None = None
+    #: How many of `prompt_segments`' last pieces the follow-up replaces: 0 continues from the end of
+    #: the prompt; 1 when the prompt's last piece opens a think block the next turn's history will not
+    #: carry (docs/chat-prompts.md#7-resent-history-after-thinking).
+    reply_followup_replaces: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     #: Keep the output inside a grammar (structured output, tool calls); see domain/constraints.py.
     constraint: OutputConstraint | None = None

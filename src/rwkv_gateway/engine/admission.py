@@ -81,11 +81,21 @@ async def prepare(
         )
     if request.timeout_s is not None and not request.timeout_s > 0:
         raise InvalidParameter("timeout must be > 0", param="timeout")
+    replaces = request.reply_followup_replaces
+    if not isinstance(replaces, int) or isinstance(replaces, bool) or replaces < 0:
+        raise InvalidParameter(
+            "reply_followup_replaces must be an integer >= 0", param="reply_followup_replaces"
+        )
     boundaries: tuple[int, ...] = ()
+    followup_base: int | None = None
     if request.prompt_segments is not None:
         pieces = await asyncio.to_thread(lambda: [tokenizer.encode(p) for p in request.prompt_segments or ()])
         tokens = [t for piece in pieces for t in piece]
         boundaries = segment_boundaries(pieces, cfg.min_checkpoint_gap)
+        if request.reply_followup is not None and 0 < replaces < len(pieces):
+            # The follow-up continues from the end of an earlier piece: that state must be captured.
+            followup_base = len(tokens) - sum(len(p) for p in pieces[-replaces:])
+            boundaries = tuple(sorted({*boundaries, followup_base} - {0}))
     elif request.prompt_tokens is not None:
         tokens = list(request.prompt_tokens)
         vocab = backend.info.vocab_size
@@ -122,5 +132,6 @@ async def prepare(
         logits=snap.logits if snap is not None and not tokens else None,
         prompt=list(tokens),
         boundaries=boundaries or ((len(tokens),) if tokens else ()),
+        followup_base=len(tokens) if followup_base is None else followup_base,
         cache_on=bool(cfg.prefix_cache and states is not None and request.use_prefix_cache and snap is None),
     )

@@ -94,13 +94,34 @@ def prefilled_by_another(seq: GenerationSequence, active: Sequence[GenerationSeq
     return False
 
 
+def followup_base_snapshot(
+    states: StateStore | None, seq: GenerationSequence, cached: StateSnapshot
+) -> StateSnapshot | None:
+    """The state a reply follow-up starts from, when the prompt started from a cached prefix.
+
+    `cached` holds the prompt's first `seq.pos` tokens. The base is that state, a later boundary
+    (captured when prefill passes it) or, for a follow-up that replaces the prompt's last pieces, an
+    earlier checkpoint still in the cache (none: the follow-up is skipped).
+    """
+    if seq.request.reply_followup is None or seq.pos < seq.followup_base:
+        return None
+    if seq.pos == seq.followup_base:
+        return cached
+    snap = states.get(prefix_key(seq.prompt[: seq.followup_base])) if states is not None else None
+    return snap if isinstance(snap, StateSnapshot) and snap.token_count == seq.followup_base else None
+
+
 def start_followup(seq: GenerationSequence, tokenizer: Tokenizer, backend: Backend) -> bool:
     """After a reply: prefill it the way the next turn will send it back (see `reply_followup`)."""
     followup = seq.request.reply_followup
     if not seq.cache_on or followup is None or seq.prompt_snapshot is None:
         return False
     try:
-        tokens = tokenizer.encode(followup("".join(seq.text_parts)))
+        pieces = followup("".join(seq.text_parts))
+        # Piece by piece, as the next request's segments will be tokenized.
+        tokens = [
+            t for piece in ((pieces,) if isinstance(pieces, str) else pieces) for t in tokenizer.encode(piece)
+        ]
         if not tokens:
             return False
         seq.state = backend.restore(seq.prompt_snapshot)

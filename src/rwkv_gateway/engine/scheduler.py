@@ -429,7 +429,7 @@ class Scheduler:
                 self.counters["cached_tokens"] += n
                 if not seq.pending:
                     seq.logits = snap.logits
-                    seq.prompt_snapshot = snap
+                seq.prompt_snapshot = prefix_cache.followup_base_snapshot(self.states, seq, snap)
             assert isinstance(snap, StateSnapshot)
             state = self.backend.restore(snap)
             # Snapshots rest in host memory; the logits a step samples from must be where the model's
@@ -476,14 +476,14 @@ class Scheduler:
             if seq.followup is not None:
                 self.counters["followup_tokens"] += len(tokens)
                 if not seq.pending:
-                    self._checkpoint(seq, seq.prompt + seq.followup)
+                    self._checkpoint(seq, seq.prompt[: seq.followup_base] + seq.followup)
                     self._retire(seq)
             elif seq.generated == 0:
                 seq.pos += len(tokens)
                 self.counters["prompt_tokens"] += len(tokens)
                 if seq.cache_on and seq.pos in seq.boundaries:
                     snap = self._checkpoint(seq, seq.prompt[: seq.pos])
-                    if seq.pos == len(seq.prompt) and seq.request.reply_followup is not None:
+                    if seq.pos == seq.followup_base and seq.request.reply_followup is not None:
                         seq.prompt_snapshot = snap
 
     def _take_token(self, seq: GenerationSequence, token: int | Exception, now: float) -> None:

@@ -84,7 +84,10 @@ class GenerationSequence:
     #: Prompt tokens in the state so far, and how many of them came from the cache.
     pos: int = 0
     cached: int = 0
-    #: The state right after the prompt, kept while a reply follow-up may still be prefilled.
+    #: Where the reply follow-up continues from (prompt tokens; the whole prompt unless the request's
+    #: `reply_followup_replaces` drops its last pieces), and the state there, kept while a follow-up
+    #: may still be prefilled.
+    followup_base: int = 0
     prompt_snapshot: StateSnapshot | None = None
     #: After the reply was sent: the follow-up tokens being prefilled for the next turn's cache.
     followup: list[int] | None = None

@@ -32,7 +32,8 @@ from typing import Any
 
 from rwkv_gateway.api.glm.schemas import GLMChatRequest, GLMEmbeddingRequest, GLMTokenizeRequest
 from rwkv_gateway.domain.engine import Engine, TextCodec, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ReplyTrimmer, chat_template
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode, chat_template
+from rwkv_gateway.domain.reasoning import ThinkSplitter, history_followup
 from rwkv_gateway.domain.types import GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, InvalidParameter
 from rwkv_gateway.settings import Settings
@@ -83,16 +84,17 @@ def ping_text() -> str:
 
 class ReplyPieces:
     """The reply as it is sent: trimmed like the whole reply (so the stream adds up to the same
-    `content`), each piece's tokens counted as it goes out."""
+    `content`), a G-series think block left out (docs/glm.md#8-g-series-models), each piece's tokens
+    counted as it goes out."""
 
-    def __init__(self, codec: TextCodec) -> None:
+    def __init__(self, codec: TextCodec, think: ThinkMode = "off") -> None:
         self._codec = codec
-        self._trimmer = ReplyTrimmer()
+        self._split = ThinkSplitter(think)
         self._parts: list[str] = []
         self.completion_tokens = 0
 
     def push(self, text: str) -> str:
-        piece = self._trimmer.push(text)
+        _, piece = self._split.push(text)
         if piece:
             self.completion_tokens += len(self._codec.encode(piece))
             self._parts.append(piece)
@@ -123,11 +125,12 @@ class GLMChat:
         self.req = req
         self.model = model_name(engine, settings)
         self.template = chat_template(settings, engine.info)
+        self.think = self.template.think_mode(settings.glm_wenxin_think)  # "off" on World models
 
     async def engine_request(self) -> tuple[GenerationRequest, int]:
         """The generation request and the token count of the `prompt` field."""
         req, codec = self.req, self.engine.codec
-        segments = self.template.segments(chat_messages(req, self.template))
+        segments = self.template.segments(chat_messages(req, self.template), think=self.think)
 
         def count() -> tuple[int, int]:
             # Counted segment by segment, exactly as the engine tokenizes them.
@@ -141,9 +144,11 @@ class GLMChat:
                 f"has {formatted} tokens",
                 param="max_length",
             )
+        followup, replaces = history_followup(self.template, self.think)
         request = GenerationRequest(
             prompt_segments=segments,
-            reply_followup=self.template.assistant_followup,
+            reply_followup=followup,
+            reply_followup_replaces=replaces,
             sampling=SamplingParams(temperature=req.temperature, top_p=req.top_p),
             max_tokens=min(room, self.settings.max_new_tokens),
             stop=self.template.stops,
@@ -166,7 +171,7 @@ class GLMChat:
         }
 
     async def response(self, admitted: Admitted) -> dict[str, Any]:
-        pieces = ReplyPieces(self.engine.codec)
+        pieces = ReplyPieces(self.engine.codec, self.think)
         async for event in admitted.stream:
             if isinstance(event, TextDelta):
                 pieces.push(event.text)
@@ -175,7 +180,7 @@ class GLMChat:
         return self._body(pieces.text, admitted.prompt_tokens, pieces.completion_tokens)
 
     async def events(self, admitted: Admitted) -> AsyncIterator[bytes]:
-        pieces = ReplyPieces(self.engine.codec)
+        pieces = ReplyPieces(self.engine.codec, self.think)
         try:
             async for event in admitted.stream:
                 if isinstance(event, TextDelta):

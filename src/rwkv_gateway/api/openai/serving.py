@@ -29,7 +29,7 @@ from rwkv_gateway.api.openai.schemas import (
 )
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode, chat_template
-from rwkv_gateway.domain.reasoning import ThinkSplitter
+from rwkv_gateway.domain.reasoning import ThinkSplitter, history_followup
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
 from rwkv_gateway.settings import Settings
@@ -102,30 +102,6 @@ def check_max_tokens(value: int, settings: Settings, param: str) -> int:
     if value > settings.max_new_tokens:
         raise InvalidParameter(f"{param} must be at most {settings.max_new_tokens}, got {value}", param=param)
     return value
-
-
-def chat_messages(messages: Sequence[ChatMessageIn]) -> list[ChatMessage]:
-    try:
-        return [ChatMessage(m.role, m.text()) for m in messages]
-    except ValueError as exc:
-        raise InvalidParameter(str(exc), param="messages") from None
-
-
-def chat_segments(
-    req: ChatCompletionRequest, template: ChatTemplate, think: ThinkMode = "off"
-) -> tuple[str, ...]:
-    return template.segments(chat_messages(req.messages), think=think)
-
-
-#: OpenAI reasoning_effort -> G-series think mode (docs/openai.md#reasoning).
-THINK_BY_EFFORT: dict[str | None, ThinkMode] = {
-    None: "off",
-    "none": "fake",
-    "minimal": "fake",
-    "low": "short",
-    "medium": "think",
-    "high": "long",
-}
 
 
 def finish_reason(finish: Finish) -> str:
@@ -255,7 +231,7 @@ async def collect_all(
 # ---------------------------------------------------------------------------- completions
 
 
-class _Completion:
+class Completion:
     """What chat and text completions share: ids, the response envelope and the SSE stream loop.
 
     Subclasses say how one choice looks whole (`_choice`), opened (`_opening`), as a text delta
@@ -351,80 +327,7 @@ class _Completion:
             admitted.cancel()
 
 
-class ChatCompletion(_Completion):
-    object_name = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def __init__(self, engine: Engine, settings: Settings, req: ChatCompletionRequest) -> None:
-        super().__init__(engine, settings, req)
-        self.req = req
-        self.template = chat_template(settings, engine.info)
-        effort = req.reasoning_effort or settings.default_reasoning_effort
-        self.think = self.template.think_mode(THINK_BY_EFFORT[effort])  # "off" on World models
-        self._splits = [ThinkSplitter(self.think) for _ in range(req.n)]
-
-    def engine_request(self) -> GenerationRequest:
-        req, settings, template = self.req, self.settings, self.template
-        if req.tools:
-            raise InvalidParameter("tools / function calling are not supported by this model", param="tools")
-        limit = req.max_completion_tokens or req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens
-        return GenerationRequest(
-            # Turn by turn, so a conversation that resends its history continues from cached states.
-            prompt_segments=chat_segments(req, template, self.think),
-            # A think-mode prompt ends inside the think block, which the next turn's history does not
-            # repeat: a state cached after the reply would never be asked for.
-            reply_followup=template.assistant_followup if req.n == 1 and self.think == "off" else None,
-            sampling=sampling_params(req, self.engine.info.vocab_size),
-            max_tokens=max_tokens,
-            stop=(*template.stops, *req.stop_list()),
-            dialect="openai",
-            user=req.user,
-        )
-
-    async def admit(self, api_key_id: str | None) -> Admitted:
-        base = self.engine_request()
-        base.api_key_id = api_key_id
-        return await admit(self.engine, base, self.req.n)
-
-    def _absorb(self, index: int, delta: TextDelta) -> None:
-        self._splits[index].push(delta.text, len(delta.token_ids))
-
-    def _reasoning_tokens(self) -> int:
-        return sum(s.reasoning_tokens for s in self._splits)
-
-    def _choice(self, index: int, _text: str, finish: Finish) -> dict[str, Any]:
-        split = self._splits[index]
-        split.finish()
-        message: dict[str, Any] = {"role": "assistant", "content": split.content}
-        if split.thinking:
-            message["reasoning_content"] = split.reasoning
-        message["refusal"] = None
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(finish)}
-
-    def _opening(self, index: int) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": ""}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-    def _text_delta(self, index: int, reasoning: str, content: str) -> dict[str, Any] | None:
-        delta = {"reasoning_content": reasoning} if reasoning else {}
-        if content:
-            delta["content"] = content
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
-
-    def _delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
-        # Streams are split and trimmed like the whole reply, so both give the same texts.
-        return self._text_delta(index, *self._splits[index].push(delta.text, len(delta.token_ids)))
-
-    def _closing(self, index: int, finish: Finish) -> list[dict[str, Any]]:
-        held = self._text_delta(index, *self._splits[index].finish())
-        last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(finish)}
-        return [held, last] if held is not None else [last]
-
-
-class TextCompletion(_Completion):
+class TextCompletion(Completion):
     object_name = "text_completion"
     chunk_object = "text_completion"
     id_prefix = "cmpl"

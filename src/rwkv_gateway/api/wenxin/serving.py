@@ -26,7 +26,8 @@ from typing import Any
 from rwkv_gateway.api.wenxin.errors import error_json
 from rwkv_gateway.api.wenxin.schemas import WenxinChatRequest
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ReplyTrimmer, chat_template
+from rwkv_gateway.domain.prompts import ChatMessage, ThinkMode, chat_template
+from rwkv_gateway.domain.reasoning import ThinkSplitter, history_followup, split_reply
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter
 from rwkv_gateway.settings import Settings
@@ -86,10 +87,13 @@ def engine_request(
     req: WenxinChatRequest, settings: Settings, model: ModelInfo, *, api_key_id: str | None = None
 ) -> GenerationRequest:
     template = chat_template(settings, model)
+    think = template.think_mode(settings.glm_wenxin_think)
+    followup, replaces = history_followup(template, think)
     return GenerationRequest(
         # Turn by turn, so a conversation that resends its history continues from cached states.
-        prompt_segments=template.segments(chat_messages(req)),
-        reply_followup=template.assistant_followup,
+        prompt_segments=template.segments(chat_messages(req), think=think),
+        reply_followup=followup,
+        reply_followup_replaces=replaces,
         sampling=sampling_params(req),
         max_tokens=max_output_tokens(req, settings),
         stop=(*template.stops, *(req.stop or ())),
@@ -133,6 +137,8 @@ class ChatCompletion:
     client_stops: tuple[str, ...]
     id: str
     created: int
+    #: The G-series think mode: a think block is left out of `result` (docs/wenxin.md#8-g-series-models).
+    think: ThinkMode = "off"
 
     @classmethod
     async def admit(
@@ -140,7 +146,8 @@ class ChatCompletion:
     ) -> ChatCompletion:
         # Admission before any response exists: a full queue is a real error answer, not a broken stream.
         stream = await engine.submit(engine_request(req, settings, engine.info, api_key_id=api_key_id))
-        return cls(stream, tuple(req.stop or ()), response_id(), int(time.time()))
+        think = chat_template(settings, engine.info).think_mode(settings.glm_wenxin_think)
+        return cls(stream, tuple(req.stop or ()), response_id(), int(time.time()), think)
 
     def cancel(self) -> None:
         self.stream.cancel()
@@ -173,7 +180,8 @@ class ChatCompletion:
             raise failure
         reason, truncated = finish_fields(finish, self.client_stops)
         completion = finish.usage.completion_tokens
-        return self._body(text.strip(), reason, truncated, self._usage(completion, completion))
+        _, answer = split_reply(text, self.think)
+        return self._body(answer, reason, truncated, self._usage(completion, completion))
 
     def _chunk(
         self,
@@ -199,7 +207,7 @@ class ChatCompletion:
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE body. The engine stream is cancelled however this ends (a client disconnect too)."""
-        trimmer = ReplyTrimmer()
+        split = ThinkSplitter(self.think)
         buffer = ""
         sentence_id = 0
         pending_tokens = 0  # tokens behind the text not yet sent
@@ -209,7 +217,7 @@ class ChatCompletion:
             async for event in self.stream:
                 if isinstance(event, TextDelta):
                     pending_tokens += len(event.token_ids)
-                    buffer += trimmer.push(event.text)
+                    buffer += split.push(event.text)[1]
                     pieces, buffer = split_sentences(buffer)
                     for piece in pieces:
                         sent_tokens += pending_tokens
