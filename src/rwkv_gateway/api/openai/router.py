@@ -13,6 +13,7 @@ from rwkv_gateway.api.common.deps import EngineDep, KeyDep, SettingsDep
 from rwkv_gateway.api.common.disconnect import unless_disconnected
 from rwkv_gateway.api.common.errors import dialect_route
 from rwkv_gateway.api.openai import serving
+from rwkv_gateway.api.openai.chat import ChatCompletion
 from rwkv_gateway.api.openai.errors import OpenAIErrors
 from rwkv_gateway.api.openai.schemas import (
     ChatCompletionRequest,
@@ -21,6 +22,7 @@ from rwkv_gateway.api.openai.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from rwkv_gateway.api.openai.tools import chat_messages
 from rwkv_gateway.domain.prompts import chat_template
 from rwkv_gateway.errors import InvalidParameter
 
@@ -49,7 +51,7 @@ async def get_model(model_id: str, engine: EngineDep, settings: SettingsDep, _ke
 
 
 async def _respond(
-    request: Request, job: serving.ChatCompletion | serving.TextCompletion, key: str | None, stream: bool
+    request: Request, job: ChatCompletion | serving.TextCompletion, key: str | None, stream: bool
 ) -> JSONResponse | EventSourceResponse:
     # Admission happens before a response exists, so "busy" and bad values are real statuses.
     admitted = await job.admit(key)
@@ -66,7 +68,7 @@ async def chat_completions(
     request: Request, body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, key: KeyDep
 ) -> JSONResponse | EventSourceResponse:
     """Chat completions, streamed (SSE, `data: [DONE]` last) or not."""
-    return await _respond(request, serving.ChatCompletion(engine, settings, body), key, body.stream)
+    return await _respond(request, ChatCompletion(engine, settings, body), key, body.stream)
 
 
 @router.post("/completions", response_model=None)
@@ -94,7 +96,7 @@ async def vllm_tokenize(body: TokenizeRequest, engine: EngineDep, settings: Sett
     if body.messages is not None:
         # Counted the way chat requests are tokenized: turn by turn.
         template = chat_template(settings, engine.info)
-        messages = serving.chat_messages(body.messages)
+        messages = chat_messages(body.messages)
         pieces = template.segments(messages, add_generation_prompt=body.add_generation_prompt)
         tokens = [t for piece in pieces for t in engine.codec.encode(piece)]
     elif body.prompt is not None:

@@ -28,10 +28,26 @@ class ContentPart(_Wire):
     text: str | None = None
 
 
+class FunctionCallIn(_Wire):
+    name: str
+    #: JSON text, as OpenAI sends it back (an object is accepted too).
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Wire):
+    """A call an earlier assistant turn made, sent back as history (docs/openai.md#tools)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -69,6 +85,17 @@ class SamplingFields(_Wire):
     mirostat_mode: int | None = Field(default=None, ge=0, le=2)
     mirostat_tau: float | None = Field(default=None, gt=0.0, le=50.0)
     mirostat_eta: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Structured output (docs/openai.md#structured-output); checked by `structured.output_constraint`
+    # so that a bad value is a 400 naming the field.
+    response_format: Any = None
+    #: A raw grammar in the engine's syntax; vLLM's `guided_grammar` is the same thing.
+    grammar: str | None = None
+    guided_grammar: str | None = None
+    #: vLLM's guided decoding by JSON Schema (an object or JSON text).
+    guided_json: Any = None
+    #: vLLM fields we do not serve: given, they are a 400 rather than silently ignored.
+    guided_choice: Any = None
+    guided_regex: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -99,9 +126,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    #: Checked by `tools.tool_use` (docs/openai.md#tools).
+    tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     #: G-series think mode (docs/openai.md#reasoning); World models accept it and ignore it.
     reasoning_effort: ReasoningEffort | None = None
 

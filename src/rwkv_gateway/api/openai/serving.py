@@ -21,15 +21,12 @@ from typing import Any, ClassVar
 
 from rwkv_gateway.api.openai.errors import stream_error_event
 from rwkv_gateway.api.openai.schemas import (
-    ChatCompletionRequest,
-    ChatMessageIn,
     CompletionRequest,
     EmbeddingRequest,
     SamplingFields,
 )
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode, chat_template
-from rwkv_gateway.domain.reasoning import ThinkSplitter, history_followup
+from rwkv_gateway.domain.prompts import chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter, ModelNotFound
 from rwkv_gateway.settings import Settings
@@ -104,9 +101,12 @@ def check_max_tokens(value: int, settings: Settings, param: str) -> int:
     return value
 
 
-def finish_reason(finish: Finish) -> str:
+def finish_reason(finish: Finish, called: bool = False) -> str:
+    """ "stop", "tool_calls" (a complete reply that made calls) or "length"."""
     # A timeout is a server-side length limit; cancelled streams are never reported to anyone.
-    return "stop" if finish.reason is FinishReason.STOP else "length"
+    if finish.reason is not FinishReason.STOP:
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 @dataclass(slots=True)
