@@ -25,6 +25,7 @@ from rwkv_gateway.api.openai.schemas import (
     EmbeddingRequest,
     SamplingFields,
 )
+from rwkv_gateway.api.openai.structured import output_constraint
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import chat_template
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
@@ -341,6 +342,7 @@ class TextCompletion(Completion):
             )
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidParameter("best_of is not supported (use n)", param="best_of")
+        self.constraint = output_constraint(req)
         self.prompts = text_or_token_inputs(req.prompt)
         if not self.prompts:
             raise InvalidParameter("prompt must not be empty", param="prompt")
@@ -357,6 +359,7 @@ class TextCompletion(Completion):
             prompt=text_prompt,
             prompt_tokens=None if isinstance(prompt, str) else prompt,
             sampling=sampling_params(req, self.engine.info.vocab_size),
+            constraint=self.constraint,
             max_tokens=max_tokens,
             stop=tuple(req.stop_list()),
             dialect="openai",
