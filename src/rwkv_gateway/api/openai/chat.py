@@ -120,9 +120,10 @@ class _Reply:
 
 
 def reply_followup(template: ChatTemplate, think: ThinkMode, tools: bool) -> tuple[ReplyFollowup, int]:
-    """How the reply comes back as history (`GenerationRequest.reply_followup` and how many prompt
-    pieces it replaces): the answer without its think block (docs/chat-prompts.md#7), and with tools
-    its content then its calls in their history form (docs/openai.md#tools)."""
+    """How the reply comes back as history (`GenerationRequest.reply_followup`) and how many prompt
+    pieces that replaces: the answer without its think block
+    (docs/chat-prompts.md#7-resent-history-after-thinking), and with tools its content, then its calls
+    in their history form (docs/openai.md#tools)."""
     followup, replaces = history_followup(template, think)
     if not tools:
         return followup, replaces

@@ -26,8 +26,8 @@ from rwkv_gateway.domain.tool_calls import (
 )
 from rwkv_gateway.errors import InvalidParameter
 
-#: OpenAI's rule for function names.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Function names as OpenAI allows them, and dots (which the engine's grammar allows too).
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ToolChoice = Literal["none", "auto", "required"]
 
 
@@ -63,7 +63,7 @@ def _definition(i: int, tool: object) -> ToolDefinition:
     name = function.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise _bad_tools(
-            f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}"
+            f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-', got {name!r}"
         )
     description = function.get("description", "")
     if not isinstance(description, str):
