@@ -10,7 +10,16 @@ A tool call is written in the model's output as
     <tool_call>{"name": "NAME", "arguments": {...}}</tool_call>
 
 one per call (several in a row when parallel calls are allowed). `domain/tool_calls.py` renders
-earlier calls into the prompt in exactly this form and parses it out of replies.
+earlier calls into the prompt in exactly this form and parses it out of replies. The exact bytes the
+engine's grammar allows (docs/structured-output.md#tool-calls):
+
+- `<tool_call>{"name": "` NAME `", "arguments": ` ARGS `}</tool_call>`: one space after each of the
+  two colons and after the comma, nothing else between the parts;
+- ARGS is the arguments object as `json.dumps(args, ensure_ascii=False)` writes it: `", "` between
+  items, `": "` after keys, no other whitespace outside strings (non-ASCII characters may come raw
+  or as `\\uXXXX` escapes; keys in the order the model chose, which follows the schema's order
+  for the properties it names);
+- parallel calls are separated by exactly one `"\\n"`, with nothing before the first or after the last.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ class ToolSpec:
 
     name: str
     parameters_schema: str = '{"type": "object"}'
+    #: OpenAI's `function.strict`: objects of the schema get `additionalProperties: false` where
+    #: they do not say otherwise.
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from rwkv_gateway.domain.engine import ModelInfo, TokenStream
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, RequestRecord, TextDelta, Usage
-from rwkv_gateway.engine import prefix_cache
+from rwkv_gateway.engine import grammar, prefix_cache
 from rwkv_gateway.engine.admission import EngineConfig, live_slots, prepare
 from rwkv_gateway.engine.batch_sampler import sample_batch
 from rwkv_gateway.engine.protocol import Backend, LiveState, StatesConsumed
@@ -81,6 +81,8 @@ class Scheduler:
             self._sample_workers = self.config.sample_threads
         self._sample_pool = helper_pool(self._sample_workers, "rwkv-sample") if self._sample_workers else None
         self.max_active = live_slots(self.config, backend)
+        #: Compiled output constraints (structured output, tool calls; engine/grammar.py).
+        self.grammars = grammar.Grammars(tokenizer, backend.info.vocab_size)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         #: When the current stretch of prompt-only steps began (model thread; see `_hold_decode`).
@@ -218,7 +220,10 @@ class Scheduler:
 
     async def _prepare(self, request: GenerationRequest) -> GenerationSequence:
         """Validate and tokenize one request (raises InvalidParameter before anything is queued)."""
-        return await prepare(request, self.config, self.backend, self.tokenizer, self.states)
+        seq = await prepare(request, self.config, self.backend, self.tokenizer, self.states)
+        if request.constraint is not None:
+            seq.grammar = await asyncio.to_thread(self.grammars.row, request.constraint)
+        return seq
 
     # ------------------------------------------------------------------ the step loop (event loop side)
 
@@ -351,6 +356,7 @@ class Scheduler:
                 self._finish(seq, FinishReason.ERROR, error="nothing to generate from")
         for seq in followups:
             budget = self._take_chunk(seq, budget, feed)
+        masks = grammar.start_masks(batch, self._sample_pool)  # filled while the forward runs
         if feed:
             t0 = time.perf_counter()
             self._forward(feed)
@@ -372,7 +378,7 @@ class Scheduler:
             t0 = time.perf_counter()
             results = sample_batch(
                 [s.sampler for s in ready],
-                [s.logits for s in ready if s.logits is not None],
+                grammar.masked_rows(ready, [s.logits for s in ready if s.logits is not None], masks),
                 pool=self._sample_pool,
                 pool_workers=self._sample_workers,
             )
@@ -498,9 +504,14 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = now
         eos = self.tokenizer.eos_token_id
-        if token in req.stop_token_ids or (req.stop_on_eos and eos is not None and token == eos):
+        # End of text under a constraint: the grammar allowed it, so the value is complete.
+        at_eos = eos is not None and token == eos and (req.stop_on_eos or seq.grammar is not None)
+        if token in req.stop_token_ids or at_eos:
             # A stop token ends the sequence unseen and unfed.
             self._finish(seq, FinishReason.STOP, stop_matched=token)
+            return
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            self._finish(seq, FinishReason.ERROR, error=f"output constraint failed: {seq.grammar.error}")
             return
         seq.last_token = token
         seq.unsent_ids.append(token)
@@ -512,6 +523,8 @@ class Scheduler:
             seq.text_parts.append(text)
         if matched is not None:
             self._finish(seq, FinishReason.STOP, stop_matched=matched)
+        elif seq.grammar is not None and seq.grammar.done:  # the constrained value is complete
+            self._finish(seq, FinishReason.STOP)
         elif seq.generated >= req.max_tokens:
             self._finish(seq, FinishReason.LENGTH)
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from rwkv_gateway.engine.protocol import LiveState
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.snapshot import StateSnapshot
 from rwkv_gateway.engine.textstream import IncrementalDecoder, StopMatcher
+
+if TYPE_CHECKING:
+    from rwkv_gateway.engine.grammar import RowGrammar
 
 
 class GenerationStream:
@@ -104,6 +108,8 @@ class GenerationSequence:
     done: bool = False
     #: Finished, but the final state must still absorb `last_token` before it is captured.
     finishing: Finish | None = None
+    #: The output constraint's matcher (engine/grammar.py), None for an unconstrained request.
+    grammar: RowGrammar | None = None
 
     @property
     def request(self) -> GenerationRequest:
