@@ -6,6 +6,13 @@ when it is empty, as in the shipped `alembic.ini`, the service's own settings de
 the ini file only when Alembic runs from the command line, never when the service migrates itself.
 On SQLite all migrations run in one real transaction with foreign-key enforcement off (batch mode
 recreates tables, which must not cascade), and the foreign keys are checked before committing.
+
+Replicas that start together on one empty database migrate it exactly once: each migration run holds
+a database-wide lock from before it reads the schema version until it commits, so the others wait,
+then find the database at head and do nothing. On PostgreSQL that is a transaction-level advisory
+lock (`pg_advisory_xact_lock`, released by the commit or by the server when the connection dies);
+on SQLite it is the database's own write lock, taken at `BEGIN IMMEDIATE` (a deferred transaction
+that had already read could not wait for the lock and would fail with "database is locked").
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+
+#: The PostgreSQL advisory lock key the migration runs take ("rwkv" in ASCII; any fixed bigint would do).
+MIGRATION_LOCK_KEY = 0x72776B76
 
 
 def _url() -> str:
@@ -68,6 +78,9 @@ def run_migrations_offline() -> None:
 
 def _run_sync(connection: Connection) -> None:
     sqlite = connection.dialect.name == "sqlite"
+    if connection.dialect.name == "postgresql":
+        # Begins the transaction the migrations then run in (see the module docstring).
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
     # With the BEGIN listener below, SQLite DDL is transactional; tell Alembic so it runs every
     # pending migration in one transaction instead of one per revision.
     _configure(connection=connection, **({"transactional_ddl": True} if sqlite else {}))
@@ -86,7 +99,7 @@ def _transactional_sqlite(sync_engine: Any) -> None:
         dbapi_connection.isolation_level = None
 
     def on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # serialises concurrent migration runs
 
     event.listen(sync_engine, "connect", on_connect)
     event.listen(sync_engine, "begin", on_begin)

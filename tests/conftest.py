@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -23,6 +24,7 @@ from rwkv_gateway.engine.loader import load_model
 from rwkv_gateway.engine.sampler import Sampler
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.tokenizer import Tokenizer, load_tokenizer
+from support.postgres import PostgresServer, PostgresUnavailable
 
 #: Long fault-injection and fuzz tests: `pytest -m "not slow"` (the README's command) leaves them out,
 #: `.ci/run` runs them after it with `pytest -m slow`.
@@ -67,15 +69,90 @@ def v4_backend(v4_path: Path) -> RwkvPackageBackend:
     return load_model(v4_path, "cpu fp32")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module that sets `DB_BACKENDS = BOTH` runs each of its tests that uses the database
+    fixtures (`db_backend`, `db_url`, `db_engine`, `sessions`, `app_db_url` and the app factories built
+    on them) once per backend; other tests get SQLite."""
+    backends = getattr(metafunc.module, "DB_BACKENDS", None)
+    if backends and "db_backend" in metafunc.fixturenames:
+        metafunc.parametrize("db_backend", backends, indirect=True)
+
+
+def start_postgres() -> PostgresServer:
+    """A started server, or the test skips: a missing wheel is no failure on a developer's machine,
+    but CI (`CI` set) must run the PostgreSQL tests, so there it fails."""
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL did not start: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (tests/support/postgres.py); each test takes a fresh
+    database on it. Tests that stop the server use `own_postgres` instead."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which it may stop and start (outages)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """ "sqlite" unless the module asks for both (`DB_BACKENDS`)."""
+    backend: str = getattr(request, "param", "sqlite")
+    return backend
+
+
 @pytest.fixture
 def db_file(tmp_path: Path) -> Path:
     return tmp_path / "gateway.db"
 
 
 @pytest.fixture
-async def db_engine(db_file: Path) -> AsyncIterator[AsyncEngine]:
-    """A migrated temporary SQLite database."""
-    url = f"sqlite+aiosqlite:///{db_file}"
+def db_url(db_backend: str, db_file: Path, request: pytest.FixtureRequest) -> str:
+    """An empty database: a SQLite file in the test's directory, or a fresh PostgreSQL database."""
+    if db_backend == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return server.fresh_database()
+    return f"sqlite+aiosqlite:///{db_file}"
+
+
+@pytest.fixture
+def app_db_url(db_backend: str, request: pytest.FixtureRequest) -> str | None:
+    """`db_url` for an app's settings: None (the SQLite file in its data directory) or a fresh
+    PostgreSQL database, shared by every app the test starts (restarts see the same data)."""
+    if db_backend == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return server.fresh_database()
+    return None
+
+
+@pytest.fixture
+async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated temporary database (SQLite unless the module asks for both)."""
+    url = db_url
     await asyncio.to_thread(upgrade, url)
     engine = create_db_engine(url)
     yield engine

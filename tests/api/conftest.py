@@ -18,13 +18,16 @@ ServeFactory = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
-async def serve(tmp_path: Path, v7_path: Path) -> AsyncIterator[ServeFactory]:
+async def serve(tmp_path: Path, v7_path: Path, app_db_url: str | None) -> AsyncIterator[ServeFactory]:
     """Factory: `await serve(**settings_overrides)` starts an app on the tiny v7 checkpoint and waits
-    until its model is loaded. Everything started is shut down when the test ends."""
+    until its model is loaded. Everything started is shut down when the test ends. The database is a
+    SQLite file in each app's data directory, or PostgreSQL in modules that run on both
+    (`DB_BACKENDS`)."""
     counter = itertools.count()
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(**overrides: Any) -> Served:
+            overrides.setdefault("db_url", app_db_url)
             settings = Settings(model=v7_path, data_dir=tmp_path / f"data{next(counter)}", **overrides)
             return await stack.enter_async_context(running_app(settings))
 

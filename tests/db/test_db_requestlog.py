@@ -1,5 +1,5 @@
-"""RequestLogger against a real migrated SQLite file: records land after flush and close, in batches,
-through bursts, overflow and write failures."""
+"""RequestLogger against a real migrated database (a SQLite file and PostgreSQL): records land after
+flush and close, in batches, through bursts, overflow and write failures."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from rwkv_gateway.db.repo import RequestLogRepo
 from rwkv_gateway.db.session import SqlStorage
 from rwkv_gateway.domain.types import RequestRecord
 from rwkv_gateway.services.requestlog import RequestLogger
+from support.postgres import BOTH
+
+DB_BACKENDS = BOTH
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""The tasks repository in the storage's unit of work (`TaskUnit`) against a real migrated SQLite file:
-a task round-trips, a save replaces what was stored, ids list newest first, a delete says what it did."""
+"""The tasks repository in the storage's unit of work (`TaskUnit`) against a real migrated database (a
+SQLite file and PostgreSQL): a task round-trips, a save replaces what was stored, ids list newest first,
+a delete says what it did."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from rwkv_gateway.db.session import SqlStorage
 from rwkv_gateway.domain.storage import Storage
 from rwkv_gateway.domain.task_store import StoredTask, TaskUnit
+from support.postgres import BOTH
+
+DB_BACKENDS = BOTH
 
 
 def stored(task_id: str, **changes: Any) -> StoredTask:

@@ -248,6 +248,10 @@ class UserRepo:
 
     async def replace_token(self, user_id: int, token_hash: str) -> None:
         """Make `token_hash` the user's only token (logging in again invalidates the previous one)."""
+        # Logins racing on several replicas: lock the user's row first, or on PostgreSQL each one's
+        # DELETE misses the tokens the others insert and they all stay (SQLite's write lock at BEGIN
+        # already serialises them; it has no FOR UPDATE and SQLAlchemy leaves it out there).
+        await self.session.execute(select(User.id).where(User.id == user_id).with_for_update())
         await self.session.execute(delete(AuthToken).where(AuthToken.user_id == user_id))
         self.session.add(AuthToken(user_id=user_id, token_hash=token_hash))
         await self.session.flush()

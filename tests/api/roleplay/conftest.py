@@ -72,12 +72,15 @@ Factory = Callable[..., Awaitable[RP]]
 
 
 @pytest.fixture
-async def rp_factory(tmp_path: Path, v7_path: Path) -> AsyncIterator[Factory]:
-    """`await rp_factory(data_dir=..., **settings)`; `stop(rp)` shuts one down (to restart on its dir)."""
+async def rp_factory(tmp_path: Path, v7_path: Path, app_db_url: str | None) -> AsyncIterator[Factory]:
+    """`await rp_factory(data_dir=..., **settings)`; `stop(rp)` shuts one down (to restart on its dir).
+    The database is the SQLite file in the data directory, or PostgreSQL in modules that run on both
+    (`DB_BACKENDS`)."""
     stacks: list[contextlib.AsyncExitStack] = []
 
     async def start(data_dir: Path | None = None, **overrides: Any) -> RP:
         overrides.setdefault("roleplay_max_reply_tokens", REPLY_TOKENS)
+        overrides.setdefault("db_url", app_db_url)
         settings = Settings(model=v7_path, data_dir=data_dir or tmp_path / "data", **overrides)
         stack = contextlib.AsyncExitStack()
         served = await stack.enter_async_context(running_app(settings))

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from conftest import RP, Factory
 
 from conftest import CARD, GREEDY, REPLY_TOKENS, stop, ui_body  # type: ignore[import-not-found]
+from support.postgres import BOTH
+
+DB_BACKENDS = BOTH
 
 
 def env(message: str, code: int) -> bytes:

@@ -22,6 +22,9 @@ from taskhelp import (
     wait_status,
 )
 
+from support.postgres import BOTH
+
+DB_BACKENDS = BOTH
 PROMPT = "Once upon a time"
 
 

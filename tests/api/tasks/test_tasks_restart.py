@@ -1,13 +1,15 @@
 """Persistent tasks (`TASK_`) and templates (`_TMPL_`) survive a restart: the app is served twice on one
-data directory, and the second run reads, continues and forks what the first one made."""
+data directory, and the second run reads, continues and forks what the first one made (on SQLite and
+on PostgreSQL)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.pool import NullPool
 from taskhelp import (
     GREEDY,
     TMPL_ID,
@@ -20,7 +22,21 @@ from taskhelp import (
     wait_status,
 )
 
+from rwkv_gateway.db.session import create_db_engine
+from support.postgres import BOTH
+
+DB_BACKENDS = BOTH
 PROMPT = "The lighthouse keeper"
+
+
+async def task_rows(url: str) -> dict[str, tuple[Any, ...]]:
+    engine = create_db_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(text("SELECT task_id, kind, result, state_key FROM tasks"))
+            return {row[0]: tuple(row[1:]) for row in result}
+    finally:
+        await engine.dispose()
 
 
 async def post(served: Served, path: str, **body: Any) -> dict[str, Any]:
@@ -51,8 +67,7 @@ async def test_tasks_and_templates_survive_a_restart(app_on: RestartFactory, tmp
         _, expected_base_fork = await generate(client, prompt=PROMPT + " said", max_tokens=6, **GREEDY)
 
     # What the database holds: metadata and text, the state itself in the state store.
-    with sqlite3.connect(data_dir / "gateway.db") as db:
-        rows = {r[0]: r[1:] for r in db.execute("SELECT task_id, kind, result, state_key FROM tasks")}
+    rows = await task_rows(first.settings.database_url)
     assert set(rows) == {task_id, template, base, base_template}
     assert rows[task_id] == ("task", text, f"task:{task_id}")
     assert rows[template] == ("template", text, f"task:{template}")
