@@ -70,7 +70,8 @@ CASES: list[tuple[str, tuple[str, list[ToolCall]]]] = [
     ("a <tool_call>oops</tool_call> b", ("a <tool_call>oops</tool_call> b", [])),
     # Cut by the token limit: inside the arguments, before the name is clear, inside the tag.
     ('<tool_call>{"name": "f", "arguments": {"a": [1,', ("", [ToolCall("f", '{"a": [1,')])),
-    ('x <tool_call>{"name": "f', ('x <tool_call>{"name": "f', [])),
+    ('x <tool_call>{"name": "f', ("x", [])),
+    ('<tool_call>{"name": "f", "argu', ("", [])),
     ("x <tool_ca", ("x <tool_ca", [])),
     ("<tool_call_not> x", ("<tool_call_not> x", [])),
     ("", ("", [])),

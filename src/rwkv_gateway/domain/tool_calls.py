@@ -188,7 +188,7 @@ class ToolCallSplitter:
     is passed on as it arrives (`ArgumentsDelta`), so the pieces add up to the value's exact text. A
     call whose opening does not have that shape is parsed as JSON when it closes; one that still
     does not name a function stays in the content as written. A call cut short (the token limit) keeps
-    what arrived.
+    the arguments that arrived, or is dropped if its name was not complete.
     """
 
     def __init__(self) -> None:
@@ -220,11 +220,10 @@ class ToolCallSplitter:
         return events
 
     def finish(self) -> list[CallEvent]:
-        """End of the reply: a held partial tag, or a call whose name never became clear, is content."""
+        """End of the reply: a held partial tag is content; a call cut off before its name was
+        complete (the token limit) is dropped, as it cannot be reported as a call."""
         events: list[CallEvent] = []
-        if self._in_call and self._scanner is None:
-            self._content(TOOL_CALL_BEGIN + self._call, events)
-        elif not self._in_call and self._held:
+        if not self._in_call and self._held:
             self._content(self._held, events)
         self._held = self._call = ""
         self._in_call = False
