@@ -164,6 +164,15 @@ async def test_auto_answers_or_calls(served: Served) -> None:
     assert seen  # which of the two the noise model picks is up to it
 
 
+async def test_strict_functions_take_no_other_arguments(served: Served) -> None:
+    loose = {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": loose, "strict": True}}]
+    for seed in range(3):
+        body = ask(tools=tools, tool_choice="required", parallel_tool_calls=False, seed=seed)
+        calls = (await served.client.post(CHAT, json=body)).json()["choices"][0]["message"]["tool_calls"]
+        assert set(json.loads(calls[0]["function"]["arguments"])) == {"x"}
+
+
 async def test_max_tokens_inside_a_call_is_length(served: Served) -> None:
     out = (await served.client.post(CHAT, json=ask(tool_choice="required", max_tokens=12, seed=0))).json()
     choice = out["choices"][0]
@@ -223,6 +232,7 @@ async def test_an_agent_loop_prefills_only_the_new_turn(
         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools"),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [QUESTION, {"role": "assistant", "tool_calls": [{"id": "x"}]}]}, "messages"),
     ],

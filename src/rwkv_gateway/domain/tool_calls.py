@@ -36,6 +36,8 @@ class ToolDefinition:
     description: str = ""
     #: The parameters' JSON Schema as JSON text.
     parameters: str = '{"type": "object", "properties": {}}'
+    #: OpenAI's `function.strict` (the engine's `ToolSpec.strict`); not shown in the prompt.
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,10 @@ def _definition(i: int, tool: object) -> ToolDefinition:
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
         raise _bad_tools(f"tools[{i}].function.parameters must be a JSON Schema object")
-    return ToolDefinition(name, description, json.dumps(parameters, ensure_ascii=False))
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _bad_tools(f"tools[{i}].function.strict must be a boolean")
+    return ToolDefinition(name, description, json.dumps(parameters, ensure_ascii=False), bool(strict))
 
 
 def _definitions(tools: object) -> tuple[ToolDefinition, ...]:
@@ -116,7 +119,7 @@ def tool_use(req: ChatCompletionRequest) -> ToolUse:
     offered = [d for d in definitions if named is None or d.name == named]
     constraint = OutputConstraint(
         kind="tool_calls",
-        tools=tuple(ToolSpec(d.name, d.parameters) for d in offered),
+        tools=tuple(ToolSpec(d.name, d.parameters, d.strict) for d in offered),
         tool_mode=choice,
         parallel=req.parallel_tool_calls is not False,
     )
