@@ -179,12 +179,19 @@ async def test_max_tokens_inside_a_call_is_length(served: Served) -> None:
     assert choice["finish_reason"] == "length"
 
 
-async def test_none_offers_no_tools_and_parses_nothing(served: Served, tokenizer: Tokenizer) -> None:
-    resp = await served.client.post(CHAT, json=ask(tool_choice="none", max_tokens=4, seed=0))
-    out = resp.json()
-    assert "tool_calls" not in out["choices"][0]["message"]
-    expected = ChatTemplate().segments([ChatMessage("user", QUESTION["content"])])
-    assert out["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(s)) for s in expected)
+async def test_none_keeps_the_tools_in_the_prompt_and_writes_no_call(
+    served: Served, tokenizer: Tokenizer
+) -> None:
+    """The prompt is the one "auto" gets (an agent loop keeps its cached prefix), but the grammar
+    keeps a model pushed hard towards the pieces of `<tool_call>` from ever writing one."""
+    bias = {str(t): 30.0 for t in tokenizer.encode("<tool_call>")}
+    body = ask(tool_choice="none", max_tokens=40, seed=0, logit_bias=bias)
+    out = (await served.client.post(CHAT, json=body)).json()
+    message = out["choices"][0]["message"]
+    assert "tool_calls" not in message
+    assert "<tool_call>" not in message["content"]
+    auto = (await served.client.post(CHAT, json=ask(max_tokens=1))).json()
+    assert out["usage"]["prompt_tokens"] == auto["usage"]["prompt_tokens"]
 
 
 @pytest.mark.parametrize("resend", ["as returned", "re-serialised"])

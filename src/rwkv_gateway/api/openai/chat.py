@@ -174,7 +174,7 @@ class ChatCompletion(Completion):
             reply_followup_replaces=replaces,
             sampling=sampling_params(req, self.engine.info.vocab_size),
             # Calls forced by tool_choice replace any response_format (the reply has no content).
-            constraint=self.tools.constraint or self.constraint,
+            constraint=self.tools.constraint or self.constraint or self.tools.text_constraint,
             max_tokens=max_tokens,
             stop=(*template.stops, *req.stop_list()),
             dialect="openai",

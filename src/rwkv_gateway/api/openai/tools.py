@@ -1,8 +1,8 @@
 """OpenAI `tools`, `tool_choice` and `parallel_tool_calls` -> the tools block of the prompt and the
 request's tool-call constraint; chat history with calls and results -> prompt turns (docs/openai.md#tools).
 
-`tool_choice` "none" leaves the tools out of the prompt and the reply unconstrained (history with calls
-is still rendered); "auto" (the default with tools) lets the model answer or call; "required" and a named
+`tool_choice` "none" keeps the tools in the prompt (as vLLM does by default) and holds the reply to
+text without calls; "auto" (the default with tools) lets the model answer or call; "required" and a named
 function make the whole reply calls. The prompt forms are domain/tool_calls.py's.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rwkv_gateway.api.openai.schemas import ChatCompletionRequest, ChatMessageIn
-from rwkv_gateway.domain.constraints import OutputConstraint, ToolSpec
+from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, OutputConstraint, ToolSpec
 from rwkv_gateway.domain.prompts import ChatMessage
 from rwkv_gateway.domain.tool_calls import (
     ToolCall,
@@ -31,23 +31,35 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ToolChoice = Literal["none", "auto", "required"]
 
 
+#: tool_choice "none" with tools: any text that never writes a call (llguidance Lark, the engine's raw
+#: grammar syntax; docs/structured-output.md#raw-grammar).
+NO_CALLS_GRAMMAR = f"start: TEXT?\nTEXT: /(?s:.+)/ & ~/(?s:.*){TOOL_CALL_BEGIN}(?s:.*)/"
+
+
 @dataclass(frozen=True, slots=True)
 class ToolUse:
     """What a chat request's tools mean for its prompt and its reply."""
 
     definitions: tuple[ToolDefinition, ...] = ()
     choice: ToolChoice = "none"
-    #: The tool-call constraint; None when the reply is plain text (no tools, or tool_choice "none").
+    #: The tool-call constraint; None when the reply cannot call (no tools, or tool_choice "none").
     constraint: OutputConstraint | None = None
 
     @property
     def active(self) -> bool:
-        """Whether the prompt offers the tools and the reply is parsed for calls."""
+        """Whether the reply may call, and so is parsed for calls."""
         return self.constraint is not None
 
     @property
     def prompt_block(self) -> str | None:
-        return tools_block(self.definitions) if self.active else None
+        """The tools block: whenever there are tools, "none" included, so that the prompt of an agent
+        loop keeps its prefix (and cached states) whichever tool_choice each step uses."""
+        return tools_block(self.definitions) if self.definitions else None
+
+    @property
+    def text_constraint(self) -> OutputConstraint | None:
+        """With tools under "none": text that never writes a call, though the prompt offers them."""
+        return OutputConstraint(kind="grammar", grammar=NO_CALLS_GRAMMAR) if self.definitions else None
 
 
 def _bad_tools(message: str) -> InvalidParameter:
