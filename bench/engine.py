@@ -17,6 +17,12 @@ package's backend (before and after the batched levels, since this CPU's speed d
 every level as a multiple of the mean of the two. Prints a table, writes JSON
 (default bench/results/engine-<time>.json) and, with matplotlib installed (`pip install -e '.[bench]'`),
 a PNG plot of tok/s against concurrency beside it.
+
+`--grammar-rows N` measures structured output's cost instead (bench/grammar_cost.py): N rows all
+unconstrained against N rows half of them JSON-constrained, in one run, per decode step:
+
+    python bench/engine.py --demo-shape 12x768 --grammar-rows 32 \
+        --out bench/results/grammar-cost-12x768-cpu.json
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 import torch
 
+from grammar_cost import compare, print_table
 from rwkv_gateway.domain.types import Finish, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
 from rwkv_gateway.engine.demo_model import write_demo_model
@@ -190,6 +197,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         store = StateStore(Path(tmp.name) / "states", budget_bytes=budget, model_id=backend.info.model_id)
     memory = MemoryProbe(args.report_memory, store)
     after_load = memory.read()
+    if args.grammar_rows:
+        config = EngineConfig(max_batch_size=args.grammar_rows, queue_size=args.grammar_rows * 2)
+        cost = await compare(lambda: Scheduler(backend, tokenizer, config), args.grammar_rows, args.tokens, 3)
+        if tmp is not None:
+            tmp.cleanup()
+        return {"model": f"generated v7 {args.demo_shape}" if not args.model else str(path), "grammar": cost}
 
     async def measure_package() -> None:
         ref = Scheduler(package, tokenizer, EngineConfig(max_batch_size=1, queue_size=4))
@@ -335,9 +348,17 @@ def main() -> None:
     parser.add_argument(
         "--report-memory", action="store_true", help="CUDA peak/reserved and snapshot cache use per level"
     )
+    parser.add_argument(
+        "--grammar-rows", type=int, default=0, help="only measure constrained rows' cost at this batch"
+    )
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
+    if "grammar" in result:
+        print(f"model: {result['model']}")
+        print_table(result["grammar"])
+        print(f"wrote {save_result(result, args.out, 'grammar-cost')}", file=sys.stderr)
+        return
     model = f"{result['model']} (RWKV v{result['rwkv_version']}, {result['strategy']}, {result['backend']})"
     print(f"model: {model}")
     ref = result["package_single"]

@@ -16,7 +16,7 @@ import pytest
 from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, OutputConstraint, ToolSpec
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
-from rwkv_gateway.engine.grammar import Grammars, strict_schema
+from rwkv_gateway.engine.grammar import Grammars, _VocabularyBytes, strict_schema
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import Tokenizer, WorldTokenizer
@@ -206,6 +206,37 @@ def test_the_exact_bytes_of_calls_and_json(tokenizer: Tokenizer) -> None:
     assert not accepts(grammars, OutputConstraint("json_schema", schema=schema, strict=True), extra)
     assert accepts(grammars, OutputConstraint("json_schema", schema=schema), extra)
     assert accepts(grammars, OutputConstraint("grammar", grammar='start: "yes" | "no"'), "no")
+
+
+def test_tokens_that_are_not_whole_utf8_are_byte_pieces(tokenizer: Tokenizer) -> None:
+    grammars = Grammars(tokenizer, 65536)
+    # "𝄞" is three World tokens, none of them UTF-8 on its own.
+    assert [tokenizer.token_bytes(t) for t in tokenizer.encode("𝄞")] == [b"\xf0\x9d", b"\x84", b"\x9e"]
+    assert accepts(grammars, OutputConstraint("json_object"), '{"clef": "𝄞 and 龘"}')
+    assert accepts(grammars, OutputConstraint("json_schema", schema='{"const": "🦜"}'), '"🦜"')
+    assert not accepts(grammars, OutputConstraint("json_schema", schema='{"const": "🦜"}'), '"🧬"')
+
+
+def test_forced_text_is_tokenized_as_the_model_would(tokenizer: Tokenizer) -> None:
+    vocab = _VocabularyBytes(tokenizer, 65536)
+    assert vocab('{"name": "東京"'.encode()) == tokenizer.encode('{"name": "東京"')
+    assert vocab(b"\xf0\x9d\x84") == [3318, 133]  # part of a character: greedy over bytes
+    assert vocab.tokens[0].startswith(b"\xff") and vocab.tokens[1:3] == [
+        tokenizer.token_bytes(1),
+        tokenizer.token_bytes(2),
+    ]
+
+
+def test_ids_past_the_vocabulary_and_end_of_text_are_masked_until_the_end(tokenizer: Tokenizer) -> None:
+    row = Grammars(tokenizer, 65600).row(OutputConstraint("json_object"))  # a model wider than its vocabulary
+    row.fill()
+    assert row.banned.shape == (65600,)
+    assert bool(row.banned[65530:].all()) and bool(row.banned[0])
+    assert not bool(row.banned[tokenizer.encode("{")[0]])
+    for token in tokenizer.encode("{}"):
+        assert row.accept(token)
+    row.fill()
+    assert row.done and (~row.banned).nonzero().view(-1).tolist() == [0]
 
 
 def test_strict_schema_walks_subschemas_not_property_names() -> None:

@@ -16,6 +16,7 @@ llguidance as the grammar engine (docs/structured-output.md#library):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,9 +27,11 @@ from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+import numpy
 import torch
 
 from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, OutputConstraint, ToolSpec
+from rwkv_gateway.engine.threads import on_one_thread
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.errors import InvalidParameter
 
@@ -110,6 +113,13 @@ class Grammars:
         # Built on first use (about 0.1 s for 65536 tokens), on an admission worker thread.
         with self._lock:
             if self._lltokenizer is None:
+                if self._tokenizer.eos_token_id is None:
+                    # The grammar's end is the end-of-text token; without one no value could end.
+                    raise InvalidParameter(
+                        "output constraints need a tokenizer with an end-of-text token, which this "
+                        "model's has not",
+                        param="response_format",
+                    )
                 wrapper = llguidance.TokenizerWrapper(_VocabularyBytes(self._tokenizer, self.vocab_size))
                 self._lltokenizer = llguidance.LLTokenizer(
                     wrapper, n_vocab=self.vocab_size, eos_token=self._tokenizer.eos_token_id
@@ -163,23 +173,33 @@ def _one_line(messages: Sequence[str]) -> str:
 
 
 class RowGrammar:
-    """One sequence's matcher and the bitmask of the tokens it may sample next (bit t of word t // 32).
+    """One sequence's matcher and the tokens it may not sample next.
 
     Touched by one thread at a time: a helper fills the mask while the forward runs, the model
     thread waits for it before sampling and accepting (see `start_masks`)."""
 
-    __slots__ = ("bits", "fresh", "matcher")
+    __slots__ = ("_bits", "banned", "fresh", "matcher")
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self.matcher = matcher
-        self.bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-        #: Whether `bits` is the mask of the matcher's current state.
+        #: llguidance's bitmask: token t allowed iff bit t % 32 of word t // 32 is set.
+        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        #: Bool [vocab_size]: True for every token the grammar forbids next.
+        self.banned = torch.ones(vocab_size, dtype=torch.bool)
+        #: Whether `banned` is the mask of the matcher's current state.
         self.fresh = False
 
     def fill(self) -> None:
-        if not self.fresh:
-            self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
-            self.fresh = True
+        """Compute `banned` for the matcher's state: the bitmask, then unpacked to one flag a token
+        (here, on the helper, so that the model thread only has to apply it)."""
+        if self.fresh:
+            return
+        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        # Little-endian words: token t is bit t % 8 of byte t // 8. numpy unpacks in one C loop
+        # (a tenth of what three torch ops over the vocabulary cost).
+        flags = numpy.unpackbits(self._bits.numpy().view(numpy.uint8), bitorder="little")
+        numpy.equal(flags[: self.banned.shape[0]], 0, out=self.banned.numpy())
+        self.fresh = True
 
     def accept(self, token: int) -> bool:
         """Advance past a sampled token; False if the grammar did not allow it."""
@@ -220,19 +240,6 @@ def start_masks(batch: Sequence[GenerationSequence], pool: Executor | None) -> F
     return pool.submit(_fill_all, rows)
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _allowed(bits: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-    """Bool [rows, vocab] of int32 bitmasks [rows, words] (little-endian: byte t // 8, bit t % 8)."""
-    shifts = _SHIFTS.get(device)
-    if shifts is None:
-        shifts = _SHIFTS.setdefault(device, torch.arange(8, dtype=torch.uint8, device=device))
-    octets = bits.to(device, non_blocking=True).view(torch.uint8)
-    flags = (octets.unsqueeze(-1) >> shifts) & 1
-    return flags.view(bits.shape[0], -1)[:, :vocab].bool()
-
-
 def masked_rows(
     seqs: Sequence[GenerationSequence], rows: Sequence[torch.Tensor], pending: Future[None] | None
 ) -> list[torch.Tensor]:
@@ -248,13 +255,13 @@ def masked_rows(
         pending.result()
     grammars = [g for g in (seqs[i].grammar for i in at) if g is not None]
     _fill_all(grammars)  # any row `start_masks` did not cover (not expected, but never unmasked)
-    vocab = rows[at[0]].shape[-1]
-    device = rows[at[0]].device
-    allowed = _allowed(torch.stack([g.bits for g in grammars]), vocab, device)
-    masked = torch.stack([rows[i] for i in at]).masked_fill_(~allowed, float("-inf"))
     out = list(rows)
-    for j, i in enumerate(at):
-        out[i] = masked[j]
+    # Row by row and single-threaded: a vector of a vocabulary's size is too small for intra-op
+    # threads to pay (see batch_sampler.py), and stacking the rows would copy them twice.
+    with on_one_thread() if rows[at[0]].device.type == "cpu" else contextlib.nullcontext():
+        for i, g in zip(at, grammars, strict=True):
+            row = rows[i]
+            out[i] = torch.where(g.banned.to(row.device, non_blocking=True), float("-inf"), row)
     return out
 
 
