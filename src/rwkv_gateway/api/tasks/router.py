@@ -32,6 +32,8 @@ from rwkv_gateway.api.tasks.schemas import (
     TaskResponse,
     TaskStatusResponse,
 )
+from rwkv_gateway.domain.constraints import OutputConstraint
+from rwkv_gateway.domain.structured import grammar_constraint, one_constraint, response_format_constraint
 from rwkv_gateway.services.tasks import GenParams, Prefilled, Task, TaskKind, TaskService, new_seed
 
 _ERRORS = TaskErrors()
@@ -124,6 +126,15 @@ def _params(body: TaskCreateRequest | TaskFimRequest) -> GenParams:
     )
 
 
+def _constraint(body: TaskCreateRequest | TaskContinueRequest) -> OutputConstraint | None:
+    """The generation's output constraint (docs/tasks.md#8-structured-output); bad values are 422s."""
+    grammar = body.grammar
+    return one_constraint(
+        ("response_format", response_format_constraint(body.response_format)),
+        ("grammar", None if grammar is None else grammar_constraint(grammar)),
+    )
+
+
 # ---------------------------------------------------------------------------- routes
 
 
@@ -132,7 +143,9 @@ async def create_tmp(
     body: TaskCreateRequest, engine: EngineDep, tasks: TasksDep, key: KeyDep
 ) -> dict[str, Any] | EventSourceResponse:
     """A temporary task (`TMP_…`), evicted when idle. Generates from `prompt` (text or token ids)."""
-    task = await tasks.create(engine, TaskKind.TMP, body.prompt, _params(body), api_key_id=key)
+    task = await tasks.create(
+        engine, TaskKind.TMP, body.prompt, _params(body), api_key_id=key, constraint=_constraint(body)
+    )
     return _respond(tasks, task, body.stream)
 
 
@@ -142,7 +155,9 @@ async def create_persistent(
 ) -> dict[str, Any] | EventSourceResponse:
     """A persistent task (`TASK_…`): kept in the database and the state store across restarts.
     `max_tokens: 0` only builds the state of the prompt (the usual base of a template)."""
-    task = await tasks.create(engine, TaskKind.TASK, body.prompt, _params(body), api_key_id=key)
+    task = await tasks.create(
+        engine, TaskKind.TASK, body.prompt, _params(body), api_key_id=key, constraint=_constraint(body)
+    )
     return _respond(tasks, task, body.stream)
 
 
@@ -209,7 +224,13 @@ async def fork_task(
     parameters, continued as `continue` would. The source is unchanged."""
     req = body or TaskContinueRequest()
     task = await tasks.fork(
-        engine, task_id, tmp=tmp, prompt=req.prompt, overrides=req.overrides(), api_key_id=key
+        engine,
+        task_id,
+        tmp=tmp,
+        prompt=req.prompt,
+        overrides=req.overrides(),
+        api_key_id=key,
+        constraint=_constraint(req),
     )
     return _respond(tasks, task, req.stream)
 
@@ -226,7 +247,12 @@ async def continue_task(
     without, resume generating (another `max_tokens`) with the text kept."""
     req = body or TaskContinueRequest()
     task = await tasks.continue_(
-        engine, task_id, prompt=req.prompt, overrides=req.overrides(), api_key_id=key
+        engine,
+        task_id,
+        prompt=req.prompt,
+        overrides=req.overrides(),
+        api_key_id=key,
+        constraint=_constraint(req),
     )
     return _respond(tasks, task, req.stream)
 

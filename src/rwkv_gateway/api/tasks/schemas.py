@@ -37,6 +37,10 @@ class TaskCreateRequest(_Strict):
     penalty_decay: float = Field(default=1.0, ge=0.0, le=1.0)
     stream: bool = False
     seed: int | None = None
+    #: Structured output for this generation (docs/tasks.md#8-structured-output): OpenAI's
+    #: `response_format` object, or a raw grammar.
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
 
 
 class TaskFimRequest(_Strict):
@@ -72,10 +76,13 @@ class TaskContinueRequest(_Strict):
     penalty_decay: float | None = Field(default=None, ge=0.0, le=1.0)
     stream: bool = False
     seed: int | None = None
+    #: For this generation only; not kept with the task (docs/tasks.md#8-structured-output).
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The generation parameters the client set (None means "keep the task's value")."""
-        return self.model_dump(exclude={"prompt", "stream"}, exclude_none=True)
+        return self.model_dump(exclude={"prompt", "stream", "response_format", "grammar"}, exclude_none=True)
 
 
 class TaskResponse(BaseModel):

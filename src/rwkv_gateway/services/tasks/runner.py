@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from rwkv_gateway.domain.constraints import OutputConstraint
 from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.domain.types import (
     Finish,
@@ -70,9 +71,11 @@ class TaskRunner:
         params: GenParams,
         *,
         api_key_id: str | None,
+        constraint: OutputConstraint | None = None,
     ) -> None:
         """Admit the task's next generation on the engine (raising before anything changes); `launch`
-        then runs it."""
+        then runs it. A constrained generation is one engine request: a grammar cannot carry over to
+        the next link of a chain (docs/tasks.md#8-structured-output)."""
         if self._closing:
             raise ServerBusy("the server is shutting down")
         new_tokens: list[int] = []
@@ -92,9 +95,11 @@ class TaskRunner:
             return
         first = min(params.max_tokens, self.config.max_segment_tokens)
         request = self._request(state, feed, first, params, 0, api_key_id)
+        request.constraint = constraint
         stream = await engine.submit(request)
         self._begin(task, params, clear, TaskStatus.PREFILL if feed else TaskStatus.READY)
-        run = Run(base=state, fed=feed, stream=stream, max_tokens=params.max_tokens, api_key_id=api_key_id)
+        max_tokens = first if constraint is not None else params.max_tokens
+        run = Run(base=state, fed=feed, stream=stream, max_tokens=max_tokens, api_key_id=api_key_id)
         task.run = run
         task.notify()
 

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from rwkv_gateway.domain.constraints import OutputConstraint
 from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.domain.storage import Storage
 from rwkv_gateway.domain.task_store import TaskUnit
@@ -74,10 +75,11 @@ class TaskService:
         params: GenParams,
         *,
         api_key_id: str | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> Task:
         """A new task that generates from `prompt` (admitted before this returns)."""
         task = Task.new(kind, params)
-        await self._start_new(engine, task, prompt, params, api_key_id=api_key_id)
+        await self._start_new(engine, task, prompt, params, api_key_id=api_key_id, constraint=constraint)
         return task
 
     async def fork(
@@ -89,6 +91,7 @@ class TaskService:
         prompt: str | list[int] | None,
         overrides: Mapping[str, Any],
         api_key_id: str | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> Task:
         """A new task with a copy of the source's state, text and parameters, then continued."""
         source = await self.get(engine, task_id)
@@ -97,7 +100,8 @@ class TaskService:
         state, pending = source.resume_point(engine.codec)
         child = Task.new(kind, source.params, state, pending)
         child.copy_text(source)
-        await self._start_new(engine, child, prompt, source.params.updated(overrides), api_key_id=api_key_id)
+        params = source.params.updated(overrides)
+        await self._start_new(engine, child, prompt, params, api_key_id=api_key_id, constraint=constraint)
         return child
 
     async def continue_(
@@ -108,6 +112,7 @@ class TaskService:
         prompt: str | list[int] | None,
         overrides: Mapping[str, Any],
         api_key_id: str | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> Task:
         """Generate again on the task: after prefilling `prompt` (which clears the text), or, without a
         prompt, resuming from where it stopped with its text kept."""
@@ -119,7 +124,9 @@ class TaskService:
             if task.run is not None:
                 raise TaskConflict("Task is still running; stop it or wait until it finishes")
             params = task.params.updated(overrides)
-            await self._runner.admit(engine, task, prompt, params, api_key_id=api_key_id)
+            await self._runner.admit(
+                engine, task, prompt, params, api_key_id=api_key_id, constraint=constraint
+            )
         await self._save_and_launch(engine, task)
         return task
 
@@ -198,9 +205,10 @@ class TaskService:
         params: GenParams,
         *,
         api_key_id: str | None,
+        constraint: OutputConstraint | None,
     ) -> None:
         """Admit a new task's first run, then hold it in the registry and start the run."""
-        await self._runner.admit(engine, task, prompt, params, api_key_id=api_key_id)
+        await self._runner.admit(engine, task, prompt, params, api_key_id=api_key_id, constraint=constraint)
         self._registry.register(task)
         await self._save_and_launch(engine, task)
 
