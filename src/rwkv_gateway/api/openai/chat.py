@@ -10,6 +10,7 @@ exactly what the whole reply gives.
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from rwkv_gateway.api.openai.schemas import ChatCompletionRequest
@@ -163,6 +164,11 @@ class ChatCompletion(Completion):
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = check_max_tokens(limit, settings, param) if limit else settings.default_max_tokens
         messages = chat_messages(req.messages, self.tools.prompt_block)
+        # Calls forced by tool_choice replace any response_format (the reply has no content).
+        constraint = self.tools.constraint or self.constraint or self.tools.text_constraint
+        if constraint is not None and self.think != "off":
+            # G series: the think block comes first, free; then the constrained answer.
+            constraint = replace(constraint, think="closed" if self.think == "fake" else "open")
         # n > 1: which of the choices would the client send back?
         followup, replaces = (
             reply_followup(template, self.think, self.tools.active) if req.n == 1 else (None, 0)
@@ -173,8 +179,7 @@ class ChatCompletion(Completion):
             reply_followup=followup,
             reply_followup_replaces=replaces,
             sampling=sampling_params(req, self.engine.info.vocab_size),
-            # Calls forced by tool_choice replace any response_format (the reply has no content).
-            constraint=self.tools.constraint or self.constraint or self.tools.text_constraint,
+            constraint=constraint,
             max_tokens=max_tokens,
             stop=(*template.stops, *req.stop_list()),
             dialect="openai",
