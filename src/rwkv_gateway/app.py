@@ -39,7 +39,13 @@ from rwkv_gateway.api.roleplay import router as roleplay_router
 from rwkv_gateway.api.tasks import router as tasks_router
 from rwkv_gateway.api.wenxin import router as wenxin_router
 from rwkv_gateway.db.migrate import upgrade
-from rwkv_gateway.db.session import SqlStorage, bind_session_factory, create_db_engine, make_session_factory
+from rwkv_gateway.db.session import (
+    DbOptions,
+    SqlStorage,
+    bind_session_factory,
+    create_db_engine,
+    make_session_factory,
+)
 from rwkv_gateway.engine import runtime
 from rwkv_gateway.engine.scheduler import Scheduler
 from rwkv_gateway.errors import GatewayError, ServerBusy
@@ -81,7 +87,7 @@ async def _lifespan(app: FastAPI, *, injected: Scheduler | None, storage: SqlSto
     settings, model = services.settings, services.model
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)
-    db_engine = create_db_engine(settings.database_url)
+    db_engine = create_db_engine(settings.database_url, options=_db_options(settings))
     bind_session_factory(storage.sessions, db_engine)
     guest_sweeper = asyncio.create_task(
         sweep_guests_forever(
@@ -117,6 +123,16 @@ async def _lifespan(app: FastAPI, *, injected: Scheduler | None, storage: SqlSto
         await db_engine.dispose()
 
 
+def _db_options(settings: Settings) -> DbOptions:
+    return DbOptions(
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout_s=settings.db_pool_timeout_s,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_s=settings.db_statement_timeout_s,
+    )
+
+
 def services_of(app: FastAPI) -> Services:
     """The app's container of services (for the server and the CLI; routes use `ServicesDep`)."""
     services: Services = app.state.services
@@ -145,11 +161,13 @@ def _build_services(settings: Settings, model: ModelSlot, storage: SqlStorage) -
             max_segment_tokens=settings.max_new_tokens,
         ),
     )
+    # Per app, never the global registry: figures of one app (tests build many) stay its own.
+    metrics = GatewayMetrics(model.current, queue_size=settings.queue_size)
+    storage.on_error = metrics.db_error  # database outages, counted by kind
     return Services(
         settings=settings,
         model=model,
-        # Per app, never the global registry: figures of one app (tests build many) stay its own.
-        metrics=GatewayMetrics(model.current, queue_size=settings.queue_size),
+        metrics=metrics,
         credentials=credentials,
         openai_keys=OpenAIKeys(credentials),
         users=UserService(storage, defaults_dir=settings.roleplay_default_characters),
@@ -157,6 +175,7 @@ def _build_services(settings: Settings, model: ModelSlot, storage: SqlStorage) -
         tasks=tasks,
         request_log=RequestLogger(storage),
         storage=storage,
+        database=storage,
     )
 
 

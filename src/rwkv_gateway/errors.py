@@ -57,6 +57,22 @@ class ServerBusy(GatewayError):
         self.retry_after = retry_after
 
 
+class StorageUnavailable(ServerBusy):
+    """The database cannot be reached or did not answer in time (docs/operations.md#health).
+
+    A kind of "busy": every dialect already answers that with its own retryable envelope (OpenAI 503
+    `overloaded`, Baidu 336100 with HTTP 200, role-play code 503, ChatGLM and the Task API 503, with
+    Retry-After where the dialect has it), which is what a client should do about an outage: retry.
+    """
+
+    code = "storage_unavailable"
+
+    def __init__(
+        self, message: str = "database unavailable, retry later", *, retry_after: float = 5.0
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class NotReady(GatewayError):
     """The model is not loaded yet, or the server is draining."""
 

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path("./data")
     db_url: str | None = Field(default=None, description="SQLAlchemy async URL (default: SQLite in data dir)")
+    db_pool_size: int = Field(default=5, ge=1, description="database connections kept open per replica")
+    db_max_overflow: int = Field(default=10, ge=0, description="extra connections opened under load")
+    db_pool_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a request waits for a free connection"
+    )
+    db_connect_timeout_s: float = Field(default=5.0, gt=0, description="PostgreSQL: connecting may take")
+    db_statement_timeout_s: float = Field(
+        default=30.0, ge=0, description="PostgreSQL: one statement may take (0: no limit)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="largest request body accepted")
     cors_origins: list[str] = Field(

@@ -1,4 +1,9 @@
-"""Liveness and readiness probes for orchestrators and load balancers."""
+"""Liveness and readiness probes for orchestrators and load balancers.
+
+Readiness covers what a request needs: the model, and the database (a cached `SELECT 1`, so a
+load balancer stops sending traffic to a replica that cannot reach it, and sends it again once the
+database is back, without a restart; docs/operations.md#health).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
-    """503 until the model is loaded (or while draining); then the model and engine load figures."""
+    """503 until the model is loaded, while draining and while the database cannot be reached; then
+    the model and engine load figures."""
     model = services.model
     engine = model.engine
     if engine is None or model.draining:
@@ -30,6 +36,13 @@ async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
         if error:
             body = {"status": "failed", "error": error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    database_error = await services.database.unavailable()
+    if database_error is not None:
+        return JSONResponse(
+            {"status": "database_unavailable", "error": database_error},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
     info = engine.info
     stats = engine.stats()
     return {
@@ -45,4 +58,5 @@ async def readyz(services: ServicesDep) -> JSONResponse | dict[str, Any]:
         "vocab_size": info.vocab_size,
         "queue_depth": stats["queue_depth"],
         "active_sequences": stats["active_sequences"],
+        "database": "ok",
     }

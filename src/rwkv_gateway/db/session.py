@@ -13,28 +13,77 @@ while it begins another's (it would wait on itself). Other async URLs such as
 `postgresql+asyncpg://` are passed to SQLAlchemy unchanged.
 
 `SqlStorage` is the domain's `Storage` (`domain/storage.py`) on such a session factory: each
-transaction is one session, rolled back unless the service commits it.
+transaction is one session, rolled back unless the service commits it. A failure that means the
+database is unreachable or too slow (db/errors.py) leaves it as the domain's `StorageUnavailable`, so
+each dialect answers with its own retryable error, and is counted through the `on_error` hook.
+`SqlStorage.unavailable()` is the readiness check: a `SELECT 1` with a short timeout, its answer kept
+for a moment so frequent probes cost the database one query per `READY_CACHE_S`.
+
+`DbOptions` carries the pool and timeout settings. Server databases get them all, plus a pre-ping on
+every checkout, so connections broken by a database restart are replaced instead of failing a
+request; SQLite files get the pool sizes and keep their busy timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from rwkv_gateway.db.errors import outage_kind
 from rwkv_gateway.db.repo import SqlUnitOfWork
+from rwkv_gateway.errors import StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
 #: Writers queue on the lock (see BEGIN IMMEDIATE above): long enough for a burst of hundreds.
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+#: How long a readiness answer about the database is reused, and how long its `SELECT 1` may take.
+READY_CACHE_S = 1.5
+READY_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DbOptions:
+    """Pool and timeouts (RWKV_GATEWAY_DB_* settings; docs/operations.md#configuration)."""
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    #: 0: none.
+    statement_timeout_s: float = 30.0
+
+    def engine_kwargs(self, url: str) -> dict[str, Any]:
+        """`create_async_engine` keyword arguments for `url`."""
+        if sqlite_path(url) is None and is_sqlite(url):
+            return {}  # in-memory SQLite: a single shared connection, no pool to size
+        kwargs: dict[str, Any] = {
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout_s,
+        }
+        if is_sqlite(url):
+            return kwargs
+        kwargs["pool_pre_ping"] = True
+        if make_url(url).get_driver_name() == "asyncpg":
+            connect: dict[str, Any] = {"timeout": self.connect_timeout_s}
+            if self.statement_timeout_s > 0:
+                # Client side, so a server that stopped answering cannot hold a request forever too.
+                connect["command_timeout"] = self.statement_timeout_s
+            kwargs["connect_args"] = connect
+        return kwargs
 
 
 def is_sqlite(url: str | URL) -> bool:
@@ -97,6 +146,7 @@ def create_db_engine(
     foreign_keys: bool = True,
     begin_immediate: bool = True,
     echo: bool = False,
+    options: DbOptions | None = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """An async engine for `url`; for a SQLite file, its directory is created and the pragmas set.
@@ -105,8 +155,11 @@ def create_db_engine(
     with enforcement on, dropping a parent table would cascade-delete its children's rows.
     `begin_immediate=False` leaves BEGIN to the caller (the migrations emit their own). Extra
     keyword arguments go to `create_async_engine` (pool sizes for PostgreSQL, for example). The
-    caller owns the engine and must `await engine.dispose()` when done.
+    caller owns the engine and must `await engine.dispose()` when done. `options` adds the pool and
+    timeout settings (the server's engine; migrations and one-off commands use a plain one).
     """
+    if options is not None:
+        kwargs = {**options.engine_kwargs(url), **kwargs}
     engine = create_async_engine(url, echo=echo, **kwargs)
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -140,12 +193,62 @@ def bind_session_factory(factory: async_sessionmaker[AsyncSession], engine: Asyn
 
 class SqlStorage:
     """The services' storage: one `SqlUnitOfWork` per transaction, on `sessions` (from
-    `make_session_factory`). Closing a unit that was not committed rolls it back."""
+    `make_session_factory`). Closing a unit that was not committed rolls it back. `on_error(kind)` is
+    called for each outage error (see the module docstring)."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.sessions = sessions
+        self.on_error = on_error
+        self._ready: tuple[float, str | None] | None = None
+        self._ready_lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlUnitOfWork]:
-        async with self.sessions() as session:
-            yield SqlUnitOfWork(session)
+        try:
+            async with self.sessions() as session:
+                yield SqlUnitOfWork(session)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            outage = self._outage(exc)
+            if outage is None:
+                raise
+            raise outage from exc
+
+    def _outage(self, exc: BaseException) -> StorageUnavailable | None:
+        kind = outage_kind(exc)
+        if kind is None:
+            return None
+        logger.warning("database unavailable (%s): %s", kind, exc)
+        if self.on_error is not None:
+            self.on_error(kind)
+        return StorageUnavailable(f"database unavailable ({kind}), retry later")
+
+    async def unavailable(self) -> str | None:
+        """None while the database answers a `SELECT 1` within `READY_TIMEOUT_S`; otherwise why not.
+        Answers are reused for `READY_CACHE_S`, and concurrent callers share one query."""
+        async with self._ready_lock:
+            now = time.monotonic()
+            if self._ready is not None and now - self._ready[0] < READY_CACHE_S:
+                return self._ready[1]
+            reason: str | None = None
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S), self.sessions() as session:
+                    await session.execute(text("SELECT 1"))
+            except TimeoutError:
+                reason = f"database did not answer within {READY_TIMEOUT_S:g}s"
+                if self.on_error is not None:
+                    self.on_error("timeout")
+            except Exception as exc:
+                if (outage := self._outage(exc)) is None:
+                    raise
+                cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+                detail = (str(cause).splitlines() or [""])[0][:200]
+                reason = f"{outage.message.removesuffix(', retry later')}: {type(cause).__name__}: {detail}"
+            self._ready = (time.monotonic(), reason)
+            return reason

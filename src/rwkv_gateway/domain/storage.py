@@ -33,6 +33,14 @@ class UnitOfWork(Protocol):
 U_co = TypeVar("U_co", bound=UnitOfWork, covariant=True)
 
 
+class StorageHealth(Protocol):
+    """What readiness asks the storage (docs/operations.md#health)."""
+
+    async def unavailable(self) -> str | None:
+        """None while the database answers; otherwise why it does not (cheap: answers are cached)."""
+        ...
+
+
 class Storage(Protocol[U_co]):
     """Opens units of work: each `transaction()` is a new, short one."""
 

@@ -213,6 +213,13 @@ class GatewayMetrics:
             buckets=HTTP_BUCKETS,
             registry=reg,
         )
+        self.db_errors = Counter(
+            f"{PREFIX}_db_errors",
+            "Database operations that failed because the database was unreachable or too slow, by kind "
+            "(connect, disconnect, timeout, pool_timeout, operational)",
+            ["kind"],
+            registry=reg,
+        )
         reg.register(_EngineCollector(engine, queue_size))
         if process:
             ProcessCollector(registry=reg)
@@ -226,6 +233,10 @@ class GatewayMetrics:
         if rec.ttft_ms is not None:
             self.ttft.labels(dialect).observe(rec.ttft_ms / 1000)
         self.latency.labels(dialect).observe(rec.total_ms / 1000)
+
+    def db_error(self, kind: str) -> None:
+        """Count one database outage error (the storage's error hook)."""
+        self.db_errors.labels(kind).inc()
 
     def model_loaded(self, seconds: float) -> None:
         self.model_load.set(seconds)

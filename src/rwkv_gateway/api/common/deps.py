@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 
 from rwkv_gateway.api.common.auth import OpenAIKeys
 from rwkv_gateway.domain.engine import Engine
-from rwkv_gateway.domain.storage import Storage, UnitOfWork
+from rwkv_gateway.domain.storage import Storage, StorageHealth, UnitOfWork
 from rwkv_gateway.errors import NotReady
 from rwkv_gateway.services.credentials import CredentialService
 from rwkv_gateway.services.metrics import GatewayMetrics
@@ -84,6 +84,8 @@ class Services:
     request_log: RequestLogger
     #: The database the services share (the lifespan opens it; tests read rows through it).
     storage: Storage[UnitOfWork]
+    #: The same database, as `/readyz` sees it.
+    database: StorageHealth
 
 
 def get_services(request: Request) -> Services:
