@@ -241,6 +241,8 @@ async def test_an_agent_loop_prefills_only_the_new_turn(
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": None, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
         ({"messages": [QUESTION, {"role": "assistant", "tool_calls": [{"id": "x"}]}]}, "messages"),
     ],
 )

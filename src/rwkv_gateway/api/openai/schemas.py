@@ -130,6 +130,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    #: The legacy function-calling fields: a 400 pointing to `tools` rather than silently ignored.
+    functions: Any = None
+    function_call: Any = None
     #: G-series think mode (docs/openai.md#reasoning); World models accept it and ignore it.
     reasoning_effort: ReasoningEffort | None = None
 

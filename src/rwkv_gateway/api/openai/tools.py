@@ -124,6 +124,9 @@ def _choice(value: Any, definitions: Sequence[ToolDefinition]) -> tuple[ToolChoi
 
 
 def tool_use(req: ChatCompletionRequest) -> ToolUse:
+    for legacy in ("functions", "function_call"):
+        if getattr(req, legacy) is not None:
+            raise InvalidParameter(f"{legacy} is not supported: use tools and tool_choice", param=legacy)
     definitions = _definitions(req.tools)
     choice, named = _choice(req.tool_choice, definitions)
     if choice == "none" or not definitions:
