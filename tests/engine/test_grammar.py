@@ -200,6 +200,12 @@ def test_the_exact_bytes_of_calls_and_json(tokenizer: Tokenizer) -> None:
     assert accepts(grammars, OutputConstraint("json_object"), '{"a": [1, 2], "b": {"c": null}}')
     assert not accepts(grammars, OutputConstraint("json_object"), '{"a": [1,2]}')
     assert not accepts(grammars, OutputConstraint("json_object"), '{ "a": 1}')
+    assert not accepts(grammars, OutputConstraint("json_object"), ' {"a": 1}')
+    spaced = OutputConstraint("json_object", leading_space=True)  # one leading space at most
+    assert accepts(grammars, spaced, ' {"a": 1}') and accepts(grammars, spaced, '{"a": 1}')
+    assert not accepts(grammars, spaced, '  {"a": 1}') and not accepts(grammars, spaced, '\n{"a": 1}')
+    spaced_calls = OutputConstraint("tool_calls", tools=TOOLS, leading_space=True)
+    assert accepts(grammars, spaced_calls, " " + good) and not accepts(grammars, required, " " + good)
     # Strict: properties the schema does not name are refused; not strict: allowed.
     schema = json.dumps(WEATHER)
     extra = '{"city": "Paris", "unit": "celsius", "x": 1}'
@@ -237,6 +243,33 @@ def test_ids_past_the_vocabulary_and_end_of_text_are_masked_until_the_end(tokeni
         assert row.accept(token)
     row.fill()
     assert row.done and (~row.banned).nonzero().view(-1).tolist() == [0]
+
+
+def test_think_modes_put_a_free_block_before_the_constrained_part(tokenizer: Tokenizer) -> None:
+    grammars = Grammars(tokenizer, 65536)
+    opened = OutputConstraint("json_object", think="open")
+    assert accepts(grammars, opened, '>Let me <b>think</b> about </thi...</think>\n\n{"a": 1}')
+    assert accepts(grammars, opened, '></think>{"a": 1}')
+    assert not accepts(grammars, opened, '>x</think>\n\n\n\n\n{"a": 1}')  # whitespace is bounded
+    assert not accepts(grammars, opened, '>x</think></think>{"a": 1}')
+    assert not accepts(grammars, opened, '{"a": 1}')
+    closed = OutputConstraint("tool_calls", tools=TOOLS, think="closed")
+    assert accepts(grammars, closed, '>\n<tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    assert not accepts(grammars, closed, '>x</think><tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    raw = OutputConstraint("grammar", grammar='start: "yes" | "no"', think="closed")
+    assert accepts(grammars, raw, "> yes") and not accepts(grammars, raw, "yes")
+
+
+async def test_a_closed_think_block_then_a_valid_value_through_the_engine(engine: Scheduler) -> None:
+    # (An open block's reasoning is free text, which a random model never ends with "</think>".)
+    constraint = OutputConstraint("json_schema", schema=json.dumps(SCHEMA), strict=True, think="closed")
+    results = await asyncio.gather(
+        *(generate(engine, constraint, sampling=sampling(seed)) for seed in range(3))
+    )
+    for text, finish in results:
+        assert finish.reason is FinishReason.STOP, text
+        assert text.startswith(">")
+        jsonschema.validate(json.loads(text[1:]), strict_schema(SCHEMA))
 
 
 def test_strict_schema_walks_subschemas_not_property_names() -> None:

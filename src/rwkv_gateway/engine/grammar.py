@@ -268,14 +268,37 @@ def masked_rows(
 # ---------------------------------------------------------------------------- constraints -> grammars
 
 
+#: What a G-series reply writes before the constrained part (`OutputConstraint.think`): the prompt
+#: ended in `<think` ("open": free reasoning up to the first `</think>`) or in `<think>\n</think`
+#: ("closed"); then up to 4 whitespace characters (docs/structured-output.md#think-blocks).
+_THINK = {
+    "open": 'start: ">" THINK WS? @body\nTHINK: /(?s:.*)<\\/think>/ & ~/(?s:.*)<\\/think>(?s:.+)/\n',
+    "closed": 'start: ">" WS? @body\n',
+}
+_THINK_WS = "WS: /[ \\t\\r\\n]{1,4}/\n"
+
+
 def grammar_text(constraint: OutputConstraint) -> tuple[str, str]:
     """llguidance's grammar for `constraint`, and the request parameter an error would be about."""
+    body, param = _body(constraint)
+    if constraint.think == "none":
+        return body, param
+    head = _THINK.get(constraint.think)
+    if head is None:
+        raise InvalidParameter(f"unknown think mode {constraint.think!r}", param=param)
+    # Two grammars: the think part's, which ends in the constrained part's (`@body`).
+    parts = [{"name": "think", "lark_grammar": head + _THINK_WS}, {"name": "body", "lark_grammar": body}]
+    return json.dumps({"grammars": parts}), param
+
+
+def _body(constraint: OutputConstraint) -> tuple[str, str]:
     kind = constraint.kind
     if kind == "json_object":
-        return _json_grammar({"type": "object"}), "response_format"
+        return _json_grammar({"type": "object"}, constraint.leading_space), "response_format"
     if kind == "json_schema":
         schema = _parse_schema(constraint.schema, "response_format")
-        return _json_grammar(strict_schema(schema) if constraint.strict else schema), "response_format"
+        value = strict_schema(schema) if constraint.strict else schema
+        return _json_grammar(value, constraint.leading_space), "response_format"
     if kind == "grammar":
         if not constraint.grammar or not constraint.grammar.strip():
             raise InvalidParameter("the grammar is empty", param="grammar")
@@ -289,11 +312,12 @@ def grammar_text(constraint: OutputConstraint) -> tuple[str, str]:
     raise InvalidParameter(f"unknown constraint kind {kind!r}", param="response_format")
 
 
-def _json_grammar(schema: dict[str, Any]) -> str:
-    try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise InvalidParameter(f"cannot use this JSON schema: {exc}", param="response_format") from exc
+def _json_grammar(schema: dict[str, Any], leading_space: bool) -> str:
+    """One JSON value of `schema` (after one optional space with `leading_space`:
+    docs/structured-output.md#whitespace)."""
+    value = json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    lead = '" "? ' if leading_space else ""
+    return llguidance.LLMatcher.grammar_from_lark(f"start: {lead}value\nvalue: %json {value}\n")
 
 
 def _parse_schema(text: str | None, param: str) -> dict[str, Any]:
@@ -350,8 +374,9 @@ def tool_call_lark(constraint: OutputConstraint) -> str:
     rules = [_tool_rule(i, tool) for i, tool in enumerate(constraint.tools)]
     calls = 'call ("\\n" call)*' if constraint.parallel else "call"
     begin, end = json.dumps(TOOL_CALL_BEGIN), json.dumps(TOOL_CALL_END)
+    lead = '" "? ' if constraint.leading_space else ""
     lines = [
-        "start: calls" if constraint.tool_mode == "required" else "start: TEXT | calls",
+        f"start: {lead}calls" if constraint.tool_mode == "required" else f"start: TEXT | {lead}calls",
         f"calls: {calls}",
         f"call: {begin} ({' | '.join(f'tool_{i}' for i in range(len(rules)))}) {end}",
         *rules,
