@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
 import pytest
+import torch
 
 from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, OutputConstraint, ToolSpec
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams
 from rwkv_gateway.engine.backend_batched_v7 import BatchedRwkv7Backend
-from rwkv_gateway.engine.grammar import Grammars, _VocabularyBytes, strict_schema
+from rwkv_gateway.engine.grammar import Grammars, _VocabularyBytes, masked_rows, start_masks, strict_schema
 from rwkv_gateway.engine.scheduler import EngineConfig, Scheduler
 from rwkv_gateway.engine.states import StateStore
 from rwkv_gateway.engine.tokenizer import Tokenizer, WorldTokenizer
@@ -270,6 +274,39 @@ async def test_a_closed_think_block_then_a_valid_value_through_the_engine(engine
         assert finish.reason is FinishReason.STOP, text
         assert text.startswith(">")
         jsonschema.validate(json.loads(text[1:]), strict_schema(SCHEMA))
+
+
+def test_a_row_is_filled_by_one_thread_at_a_time(tokenizer: Tokenizer) -> None:
+    row = Grammars(tokenizer, 65536).row(OutputConstraint("json_object"))
+    seq: Any = SimpleNamespace(grammar=row, done=False, followup=None)
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(gate.wait)  # the helper is busy: the fill waits behind it
+        start_masks([seq], pool)
+        job = row.job
+        start_masks([seq], pool)  # a step that sampled nothing for this row: no second fill
+        assert row.job is job and not row.fresh
+        gate.set()
+        (masked,) = masked_rows([seq], [torch.zeros(65536)])
+    assert row.fresh and row.job is None
+    assert masked[tokenizer.encode("{")[0]] == 0 and masked[tokenizer.encode("a")[0]] == float("-inf")
+
+
+def test_a_failing_mask_bans_everything_in_its_row_only(tokenizer: Tokenizer) -> None:
+    grammars = Grammars(tokenizer, 65536)
+    broken, fine = (
+        grammars.row(OutputConstraint("json_object")),
+        grammars.row(OutputConstraint("json_object")),
+    )
+
+    class Failing:
+        def unsafe_compute_mask_ptr(self, *args: object) -> None:
+            raise RuntimeError("boom")
+
+    broken.matcher = Failing()
+    seqs: Any = [SimpleNamespace(grammar=g, done=False, followup=None) for g in (broken, fine)]
+    start_masks(seqs, None)
+    assert bool(broken.banned.all()) and not bool(fine.banned.all())
 
 
 def test_strict_schema_walks_subschemas_not_property_names() -> None:

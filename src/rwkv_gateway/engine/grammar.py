@@ -175,10 +175,10 @@ def _one_line(messages: Sequence[str]) -> str:
 class RowGrammar:
     """One sequence's matcher and the tokens it may not sample next.
 
-    Touched by one thread at a time: a helper fills the mask while the forward runs, the model
-    thread waits for it before sampling and accepting (see `start_masks`)."""
+    Touched by one thread at a time: a helper fills the mask while the forward runs (`job`), and the
+    model thread waits for that job before it fills, samples or accepts (see `start_masks`)."""
 
-    __slots__ = ("_bits", "banned", "fresh", "matcher")
+    __slots__ = ("_bits", "banned", "fresh", "job", "matcher")
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self.matcher = matcher
@@ -188,21 +188,37 @@ class RowGrammar:
         self.banned = torch.ones(vocab_size, dtype=torch.bool)
         #: Whether `banned` is the mask of the matcher's current state.
         self.fresh = False
+        #: The helper's fill of this row, while one may be running.
+        self.job: Future[None] | None = None
 
     def fill(self) -> None:
         """Compute `banned` for the matcher's state: the bitmask, then unpacked to one flag a token
         (here, on the helper, so that the model thread only has to apply it)."""
         if self.fresh:
             return
-        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        try:
+            self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        except Exception:
+            # This row alone fails: with every token banned its sampling fails, not the batch's.
+            logger.exception("computing a grammar mask failed")
+            self.banned.fill_(True)
+            self.fresh = True
+            return
         # Little-endian words: token t is bit t % 8 of byte t // 8. numpy unpacks in one C loop
         # (a tenth of what three torch ops over the vocabulary cost).
         flags = numpy.unpackbits(self._bits.numpy().view(numpy.uint8), bitorder="little")
         numpy.equal(flags[: self.banned.shape[0]], 0, out=self.banned.numpy())
         self.fresh = True
 
+    def wait(self) -> None:
+        """Let the helper's fill of this row end (the model thread, before touching the matcher)."""
+        if self.job is not None:
+            self.job.result()
+            self.job = None
+
     def accept(self, token: int) -> bool:
         """Advance past a sampled token; False if the grammar did not allow it."""
+        self.wait()
         self.fresh = False
         return bool(self.matcher.consume_token(token))
 
@@ -221,28 +237,33 @@ def _fill_all(rows: Sequence[RowGrammar]) -> None:
         row.fill()
 
 
-def start_masks(batch: Sequence[GenerationSequence], pool: Executor | None) -> Future[None] | None:
+def start_masks(batch: Sequence[GenerationSequence], pool: Executor | None) -> None:
     """Start filling the next-token masks of `batch`'s constrained sequences (before the forward).
 
     A mask depends only on the tokens a matcher has accepted, so it is computed on `pool` while the
     model thread runs the forward (without a pool: here, now). Rows already fresh cost nothing, so a
-    sequence still prefilling pays for its first mask once."""
+    sequence still prefilling pays for its first mask once; a row whose last fill may still run
+    (its sequence sampled nothing since) is left to that fill."""
     rows = [
         s.grammar
         for s in batch
-        if s.grammar is not None and not s.grammar.fresh and not s.done and s.followup is None
+        if s.grammar is not None
+        and not s.grammar.fresh
+        and (s.grammar.job is None or s.grammar.job.done())
+        and not s.done
+        and s.followup is None
     ]
     if not rows:
-        return None
+        return
     if pool is None:
         _fill_all(rows)
-        return None
-    return pool.submit(_fill_all, rows)
+        return
+    job = pool.submit(_fill_all, rows)
+    for row in rows:
+        row.job = job
 
 
-def masked_rows(
-    seqs: Sequence[GenerationSequence], rows: Sequence[torch.Tensor], pending: Future[None] | None
-) -> list[torch.Tensor]:
+def masked_rows(seqs: Sequence[GenerationSequence], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`rows` (the logits of `seqs`) with every constrained row's forbidden tokens at -inf.
 
     Masked rows are new tensors: a row may be a cached snapshot's logits, which must stay as they are.
@@ -251,9 +272,9 @@ def masked_rows(
     at = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not at:
         return list(rows)
-    if pending is not None:
-        pending.result()
     grammars = [g for g in (seqs[i].grammar for i in at) if g is not None]
+    for g in grammars:
+        g.wait()
     _fill_all(grammars)  # any row `start_masks` did not cover (not expected, but never unmasked)
     out = list(rows)
     # Row by row and single-threaded: a vector of a vocabulary's size is too small for intra-op

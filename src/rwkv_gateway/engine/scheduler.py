@@ -356,7 +356,7 @@ class Scheduler:
                 self._finish(seq, FinishReason.ERROR, error="nothing to generate from")
         for seq in followups:
             budget = self._take_chunk(seq, budget, feed)
-        masks = grammar.start_masks(batch, self._sample_pool)  # filled while the forward runs
+        grammar.start_masks(batch, self._sample_pool)  # filled while the forward runs
         if feed:
             t0 = time.perf_counter()
             self._forward(feed)
@@ -378,7 +378,7 @@ class Scheduler:
             t0 = time.perf_counter()
             results = sample_batch(
                 [s.sampler for s in ready],
-                grammar.masked_rows(ready, [s.logits for s in ready if s.logits is not None], masks),
+                grammar.masked_rows(ready, [s.logits for s in ready if s.logits is not None]),
                 pool=self._sample_pool,
                 pool_workers=self._sample_workers,
             )
