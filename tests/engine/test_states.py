@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import pytest
 import torch
 
 from rwkv_gateway.engine.snapshot import StateSnapshot
-from rwkv_gateway.engine.states import MAGIC, StateStore, load_snapshot, save_snapshot
+from rwkv_gateway.engine.states import MAGIC, ORPHAN_TMP_AGE_S, StateStore, load_snapshot, save_snapshot
 from rwkv_gateway.errors import StateMismatch
 
 MODEL = "model-a"
@@ -265,6 +270,34 @@ def test_init_creates_directory_and_removes_leftover_temp_files(
         StateStore(directory, budget_bytes=0, model_id=MODEL)
     assert [p.name for p in state_files(directory)] == ["keep.state"]
     assert any(r.getMessage().startswith("removed 2 leftover temp files") for r in caplog.records)
+
+
+def test_start_up_clean_up_spares_other_replicas_writes(tmp_path: Path) -> None:
+    """Replicas share the state directory: only temp files no live writer can own are removed."""
+    directory = tmp_path / "states"
+    directory.mkdir()
+    host = socket.gethostname().replace(".", "_")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        names = {
+            "live": f".a.state.{host}@{sleeper.pid}.k1.tmp",  # another replica on this host, writing
+            "other-host": f".b.state.elsewhere@{os.getpid()}.k2.tmp",  # another machine, writing
+            "dead": f".c.state.{host}@{dead.pid}.k3.tmp",  # this host, its writer is gone
+            "own-pid": f".d.state.{host}@{os.getpid()}.k4.tmp",  # a previous life of this pid
+            "old": ".e.state.elsewhere@1.k5.tmp",  # anyone's, past the orphan age
+        }
+        for name in names.values():
+            (directory / name).write_bytes(b"partial")
+        past = time.time() - ORPHAN_TMP_AGE_S - 60
+        os.utime(directory / names["old"], (past, past))
+        StateStore(directory, budget_bytes=0, model_id=MODEL)
+        left = {p.name for p in directory.iterdir()}
+        assert left == {names["live"], names["other-host"]}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_lru_evicts_least_recently_used_by_bytes(tmp_path: Path) -> None:

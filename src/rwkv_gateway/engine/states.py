@@ -7,6 +7,12 @@ UTF-8 JSON header (key, model id, version, token count, layout, numel, logits nu
 sha256) and the raw little-endian float32 payload (state buffer, then logits if any). Files are
 written atomically and durably; anything that fails validation on load raises `StateMismatch`
 instead of yielding a state.
+
+Several replicas may share the directory (docs/deployment.md#scaling-past-one-gpu). A temp file's
+name says which process writes it (host name and pid), so the start-up clean-up removes only temp
+files that cannot be in use: this host's of a process that is gone (or of this very pid: a previous
+life of a restarted container), and anyone's older than `ORPHAN_TMP_AGE_S`. Another replica's
+write in progress is never touched.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import io
 import json
 import logging
 import os
+import socket
 import struct
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +50,44 @@ _PREFIX = len(MAGIC) + _LEN.size
 _MAX_HEADER = 16 * 1024 * 1024
 _STATE_SUFFIX = ".state"
 _TMP_SUFFIX = ".tmp"
+#: A temp file this old is an orphan whoever wrote it (a write takes seconds at most).
+ORPHAN_TMP_AGE_S = 3600.0
+
+
+def _writer_tag() -> str:
+    # Dots split the temp name's fields, so the host keeps none of its own.
+    return f"{socket.gethostname().replace('.', '_')}@{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _orphaned(tmp: Path, now: float) -> bool:
+    """Whether the temp file `tmp` cannot belong to a write in progress (see the module docstring)."""
+    try:
+        age = now - tmp.stat().st_mtime
+    except FileNotFoundError:
+        return False  # finished (renamed) meanwhile
+    if age > ORPHAN_TMP_AGE_S:
+        return True
+    # ".<name>.<host>@<pid>.<random>.tmp"; files without a tag come from older versions.
+    fields = tmp.name.removesuffix(_TMP_SUFFIX).split(".")
+    tag = fields[-2] if len(fields) >= 4 else ""
+    host, _, pid = tag.rpartition("@")
+    if not pid.isdigit():
+        return True
+    if host != socket.gethostname().replace(".", "_"):
+        return False
+    return int(pid) == os.getpid() or not _pid_alive(int(pid))
+
+
 # Striped per-key locks: operations on one key are serialised (so a slow file write cannot be
 # overtaken by an older/newer RAM update of the same key) without one global lock around disk I/O.
 _KEY_STRIPES = 64
@@ -101,7 +147,8 @@ def save_snapshot(path: Path, snap: StateSnapshot, *, key: str | None = None) ->
     # Default ASCII escaping keeps keys with lone surrogates encodable; json.loads restores them.
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    prefix = f".{path.name}.{_writer_tag()}."
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -260,10 +307,12 @@ class StateStore:
         self.budget_bytes = budget_bytes
         self.model_id = model_id
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Temp files only exist mid-write; any present now were orphaned by a crash.
+        # Temp files only exist mid-write: this process' own were orphaned by a crash, but another
+        # replica sharing the directory may be writing its own now (see the module docstring).
         removed = 0
+        now = time.time()
         for tmp in self.directory.rglob(f"*{_TMP_SUFFIX}"):
-            if tmp.is_file():
+            if tmp.is_file() and _orphaned(tmp, now):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         if removed:
