@@ -6,7 +6,9 @@ once it is back the same app is ready and serves again, without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -126,3 +128,17 @@ async def test_a_database_outage_is_reported_and_survived(
         assert "error_code" not in baidu.json(), baidu.text
         assert (await clients.roleplay_call("/characters/list", clients.roleplay))["code"] == 200
         assert (await clients.tasks()).status_code == 200
+
+
+async def test_readiness_does_not_queue_behind_sqlite_writers(tmp_path: Path, v7_path: Path) -> None:
+    """The probe's SELECT 1 takes no lock: a writer holding SQLite's write lock does not make it wait."""
+    settings = Settings(model=v7_path, data_dir=tmp_path / "data")
+    async with running_app(settings) as served:
+        writer = sqlite3.connect(settings.data_dir / "gateway.db", isolation_level=None)
+        with contextlib.closing(writer) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                ready = await ready_status(served.client, 200, within_s=5)
+            finally:
+                db.execute("ROLLBACK")
+    assert ready["database"] == "ok"

@@ -237,9 +237,15 @@ class SqlStorage:
             if self._ready is not None and now - self._ready[0] < READY_CACHE_S:
                 return self._ready[1]
             reason: str | None = None
+            bind = self.sessions.kw.get("bind")
+            if not isinstance(bind, AsyncEngine):
+                return "database not open"
+            # A plain connection, not a service session: on SQLite those BEGIN IMMEDIATE and would
+            # queue behind writers; a deferred SELECT 1 takes no lock at all.
+            probe = bind.execution_options(**{BEGIN_OPTION: "DEFERRED"})
             try:
-                async with asyncio.timeout(READY_TIMEOUT_S), self.sessions() as session:
-                    await session.execute(text("SELECT 1"))
+                async with asyncio.timeout(READY_TIMEOUT_S), probe.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
             except TimeoutError:
                 reason = f"database did not answer within {READY_TIMEOUT_S:g}s"
                 if self.on_error is not None:
