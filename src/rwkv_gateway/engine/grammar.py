@@ -107,6 +107,7 @@ class Grammars:
         self._cache: OrderedDict[OutputConstraint, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._lltokenizer: llguidance.LLTokenizer | None = None
+        #: Grammars compiled so far (cache misses).
         self.compiled = 0
 
     def _vocabulary(self) -> llguidance.LLTokenizer:
