@@ -94,6 +94,22 @@ def prefilled_by_another(seq: GenerationSequence, active: Sequence[GenerationSeq
     return False
 
 
+def start_from_cache(
+    states: StateStore | None, seq: GenerationSequence, counters: dict[str, int]
+) -> StateSnapshot | None:
+    """Start `seq` from its longest cached prefix (None: from the zero state)."""
+    cached = longest_cached_prefix(states, seq) if seq.cache_on and states is not None else None
+    if cached is None:
+        return None
+    n, snap = cached
+    seq.pending, seq.pos, seq.cached, seq.token_count = seq.prompt[n:], n, n, n
+    counters["cached_tokens"] += n
+    if not seq.pending:
+        seq.logits = snap.logits
+    seq.prompt_snapshot = followup_base_snapshot(states, seq, snap)
+    return snap
+
+
 def followup_base_snapshot(
     states: StateStore | None, seq: GenerationSequence, cached: StateSnapshot
 ) -> StateSnapshot | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -423,19 +424,9 @@ class Scheduler:
         snap = seq.request.initial_state
         try:
             if snap is None:
-                cached = (
-                    prefix_cache.longest_cached_prefix(self.states, seq)
-                    if seq.cache_on and self.states is not None
-                    else None
-                )
-                if cached is None:
+                snap = prefix_cache.start_from_cache(self.states, seq, self.counters)
+                if snap is None:
                     return self.backend.zero_state()
-                n, snap = cached
-                seq.pending, seq.pos, seq.cached, seq.token_count = seq.prompt[n:], n, n, n
-                self.counters["cached_tokens"] += n
-                if not seq.pending:
-                    seq.logits = snap.logits
-                seq.prompt_snapshot = prefix_cache.followup_base_snapshot(self.states, seq, snap)
             assert isinstance(snap, StateSnapshot)
             state = self.backend.restore(snap)
             # Snapshots rest in host memory; the logits a step samples from must be where the model's
@@ -573,10 +564,7 @@ class Scheduler:
     def _complete(self, seq: GenerationSequence, finish: Finish) -> None:
         if seq.request.return_embedding and seq.state is not None and finish.reason in _STATEFUL_ENDS:
             try:
-                vector = tuple(self.backend.embedding(seq.state))
-                finish = Finish(
-                    finish.reason, finish.usage, finish.state, finish.error, finish.stop_matched, vector
-                )
+                finish = dataclasses.replace(finish, embedding=tuple(self.backend.embedding(seq.state)))
             except Exception:
                 logger.exception("embedding of request %s failed", seq.request.request_id)
                 self.counters["errors"] += 1
@@ -584,9 +572,7 @@ class Scheduler:
         if seq.request.return_state and seq.state is not None and finish.reason in _STATEFUL_ENDS:
             try:
                 snap = self.backend.capture(seq.state, seq.token_count, seq.logits)
-                finish = Finish(
-                    finish.reason, finish.usage, snap, finish.error, finish.stop_matched, finish.embedding
-                )
+                finish = dataclasses.replace(finish, state=snap)
             except Exception:
                 logger.exception("capturing the final state of request %s failed", seq.request.request_id)
                 self.counters["errors"] += 1
