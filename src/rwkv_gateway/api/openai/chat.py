@@ -166,6 +166,9 @@ class ChatCompletion(Completion):
         messages = chat_messages(req.messages, self.tools.prompt_block)
         # Calls forced by tool_choice replace any response_format (the reply has no content).
         constraint = self.tools.constraint or self.constraint or self.tools.text_constraint
+        if constraint is not None and constraint.kind != "grammar":
+            # After "Assistant:" an RWKV model starts with a space-led token; the reply is trimmed.
+            constraint = replace(constraint, leading_space=True)
         if constraint is not None and self.think != "off":
             # G series: the think block comes first, free; then the constrained answer.
             constraint = replace(constraint, think="closed" if self.think == "fake" else "open")
