@@ -72,10 +72,15 @@ def v4_backend(v4_path: Path) -> RwkvPackageBackend:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test module that sets `DB_BACKENDS = BOTH` runs each of its tests that uses the database
     fixtures (`db_backend`, `db_url`, `db_engine`, `sessions`, `app_db_url` and the app factories built
-    on them) once per backend; other tests get SQLite."""
+    on them) once per backend; other tests get SQLite. `POSTGRESQL_SLOW = True` puts the PostgreSQL
+    runs in the slow tier (long flows whose database part the fast tier already covers)."""
     backends = getattr(metafunc.module, "DB_BACKENDS", None)
     if backends and "db_backend" in metafunc.fixturenames:
-        metafunc.parametrize("db_backend", backends, indirect=True)
+        slow = getattr(metafunc.module, "POSTGRESQL_SLOW", False)
+        params = [
+            pytest.param(b, marks=pytest.mark.slow) if slow and b == "postgresql" else b for b in backends
+        ]
+        metafunc.parametrize("db_backend", params, indirect=True)
 
 
 def start_postgres() -> PostgresServer:

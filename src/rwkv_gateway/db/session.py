@@ -224,7 +224,7 @@ class SqlStorage:
         kind = outage_kind(exc)
         if kind is None:
             return None
-        logger.warning("database unavailable (%s): %s", kind, exc)
+        logger.warning("database unavailable (%s): %s", kind, _describe(exc))
         if self.on_error is not None:
             self.on_error(kind)
         return StorageUnavailable(f"database unavailable ({kind}), retry later")
@@ -253,8 +253,14 @@ class SqlStorage:
             except Exception as exc:
                 if (outage := self._outage(exc)) is None:
                     raise
-                cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-                detail = (str(cause).splitlines() or [""])[0][:200]
-                reason = f"{outage.message.removesuffix(', retry later')}: {type(cause).__name__}: {detail}"
+                reason = f"{outage.message.removesuffix(', retry later')}: {_describe(exc)}"
             self._ready = (time.monotonic(), reason)
             return reason
+
+
+def _describe(exc: BaseException) -> str:
+    """The driver's error, one line: never SQLAlchemy's own text, which quotes the statement and its
+    parameters (conversation text among them, which logs must not carry; docs/operations.md#logs)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    detail = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {detail}"

@@ -25,6 +25,7 @@ from taskhelp import (
 from support.postgres import BOTH
 
 DB_BACKENDS = BOTH
+POSTGRESQL_SLOW = True  # the engine-heavy flows; test_tasks_restart.py's run on PostgreSQL in the fast tier
 PROMPT = "Once upon a time"
 
 
