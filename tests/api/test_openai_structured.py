@@ -64,7 +64,7 @@ def escape_bias(tokenizer: Tokenizer) -> dict[str, float]:
     """Push the model towards backslashes and CJK inside strings (the grammar keeps them valid: a
     backslash starts an escape, a quote inside a string must come escaped)."""
     bias = {t: 8.0 for text in ("\\", '\\"') for t in tokenizer.encode(text)}
-    bias.update({t: 4.0 for t in tokenizer.encode("日")})
+    bias.update(dict.fromkeys(tokenizer.encode("日"), 4.0))
     return {str(t): b for t, b in bias.items()}
 
 
