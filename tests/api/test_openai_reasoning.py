@@ -122,7 +122,8 @@ async def test_history_resent_without_the_think_block_prefills_only_the_new_turn
     g_series: Served, tokenizer: Tokenizer, effort: str | None, think: ThinkMode
 ) -> None:
     """The state kept after a thinking reply is the history as the client resends it (answer only),
-    so the next turn prefills its own pieces and nothing else (docs/chat-prompts.md#7-resent-history-after-thinking)."""
+    so the next turn prefills its own pieces and nothing else
+    (docs/chat-prompts.md#7-resent-history-after-thinking)."""
     fields = {} if effort is None else {"reasoning_effort": effort}
     first = await g_series.client.post(CHAT, json=body(**fields))
     assert first.status_code == 200, first.text
