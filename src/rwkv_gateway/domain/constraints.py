@@ -71,8 +71,8 @@ class OutputConstraint:
     #: pushes a real model off its habit; dialects that strip the reply may turn this on.
     leading_space: bool = False
     #: What the reply writes before the constrained part, for G-series think modes
-    #: (docs/chat-prompts.md#5-g-series-think-modes); set by the OpenAI chat route, requested of the
-    #: engine by the wire side (issue 18). "open": the prompt ended inside a think block
+    #: (docs/chat-prompts.md#5-g-series-think-modes; `domain/reasoning.constraint_after_think`).
+    #: "open": the prompt ended inside a think block
     #: (`Assistant: <think`), so the reply is `>`, reasoning that never contains `</think>`,
     #: `</think>`, optional whitespace, then the constrained part. "closed": the prompt closed an empty
     #: block (`Assistant: <think>\n</think`), so the reply is `>`, optional whitespace, then the

@@ -11,6 +11,7 @@ so the deltas of a stream add up to exactly what the whole reply gives.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from rwkv_gateway.domain.prompts import ChatTemplate, ReplyTrimmer, ThinkMode
 
@@ -121,3 +122,11 @@ def history_followup(template: ChatTemplate, think: ThinkMode) -> tuple[ReplyFol
         return f"{template.assistant_label}:", template.assistant_followup(answer)
 
     return followup, 1
+
+
+def constraint_after_think(think: ThinkMode) -> Literal["none", "open", "closed"]:
+    """What a constrained reply writes first in a think mode (`OutputConstraint.think`): a free think
+    block when the prompt opened one, the closing `>` when fake think closed it, nothing otherwise."""
+    if think == "off":
+        return "none"
+    return "closed" if think == "fake" else "open"

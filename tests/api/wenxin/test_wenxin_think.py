@@ -76,3 +76,34 @@ async def test_history_without_the_think_block_continues_from_the_cache(
     await answer(wx, messages=messages)
     new_turn = G.segments([ChatMessage("user", "And when?")], think="fake")
     assert engine.stats()["prompt_tokens"] - before == tokens(tokenizer, new_turn)
+
+
+@pytest.mark.parametrize("chat_template", ["world", "g-series"])
+async def test_response_format_json_object_holds_result_to_json(
+    serve: ServeFactory, chat_template: str
+) -> None:
+    """ERNIE's `response_format: "json_object"` (docs/wenxin.md#9-json-output): the random model's reply
+    is JSON only because the grammar holds it there, after a fake think block on the G series."""
+    wx = await make_wenxin(await serve(chat_template=chat_template))
+    out = await answer(wx, response_format="json_object", max_output_tokens=24)
+    assert out["result"].startswith("{"), out
+    if not out["is_truncated"]:
+        assert isinstance(json.loads(out["result"]), dict)
+    resp = await wx.chat(
+        {
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_output_tokens": 24,
+            "response_format": "json_object",
+            "stream": True,
+        }
+    )
+    assert "".join(e["result"] for e in streamed(resp.text)).startswith("{")
+    plain = await answer(wx, response_format="text")
+    assert not plain["result"].startswith("{")
+
+
+async def test_an_unknown_response_format_is_a_parameter_error(wx: Wenxin) -> None:
+    resp = await wx.chat({"messages": [{"role": "user", "content": "hi"}], "response_format": "json_schema"})
+    error = resp.json()
+    assert resp.status_code == 200 and error["error_code"] == 336003, error
+    assert "response_format" in error["error_msg"]

@@ -26,7 +26,13 @@ from rwkv_gateway.api.openai.structured import output_constraint
 from rwkv_gateway.api.openai.tools import ToolUse, chat_messages, tool_use
 from rwkv_gateway.domain.engine import Engine
 from rwkv_gateway.domain.prompts import ChatTemplate, ThinkMode, chat_template
-from rwkv_gateway.domain.reasoning import ReplyFollowup, ThinkSplitter, history_followup, split_reply
+from rwkv_gateway.domain.reasoning import (
+    ReplyFollowup,
+    ThinkSplitter,
+    constraint_after_think,
+    history_followup,
+    split_reply,
+)
 from rwkv_gateway.domain.tool_calls import (
     ArgumentsDelta,
     CallEvent,
@@ -171,7 +177,7 @@ class ChatCompletion(Completion):
             constraint = replace(constraint, leading_space=True)
         if constraint is not None and self.think != "off":
             # G series: the think block comes first, free; then the constrained answer.
-            constraint = replace(constraint, think="closed" if self.think == "fake" else "open")
+            constraint = replace(constraint, think=constraint_after_think(self.think))
         # n > 1: which of the choices would the client send back?
         followup, replaces = (
             reply_followup(template, self.think, self.tools.active) if req.n == 1 else (None, 0)

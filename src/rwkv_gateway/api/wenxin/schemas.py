@@ -58,6 +58,8 @@ class WenxinChatRequest(BaseModel):
     #: ERNIE extensions.
     system: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
+    #: ERNIE's `"json_object"` holds `result` to one JSON object (docs/wenxin.md#9-json-output).
+    response_format: Literal["text", "json_object"] | None = None
 
     @field_validator("stop")
     @classmethod

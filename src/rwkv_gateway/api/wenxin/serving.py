@@ -25,9 +25,10 @@ from typing import Any
 
 from rwkv_gateway.api.wenxin.errors import error_json
 from rwkv_gateway.api.wenxin.schemas import WenxinChatRequest
+from rwkv_gateway.domain.constraints import OutputConstraint
 from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
 from rwkv_gateway.domain.prompts import ChatMessage, ThinkMode, chat_template
-from rwkv_gateway.domain.reasoning import ThinkSplitter, history_followup, split_reply
+from rwkv_gateway.domain.reasoning import ThinkSplitter, constraint_after_think, history_followup, split_reply
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter
 from rwkv_gateway.settings import Settings
@@ -94,6 +95,12 @@ def engine_request(
         prompt_segments=template.segments(chat_messages(req), think=think),
         reply_followup=followup,
         reply_followup_replaces=replaces,
+        # The reply starts after "Assistant:", where RWKV writes a space first; `result` is trimmed.
+        constraint=(
+            OutputConstraint(kind="json_object", leading_space=True, think=constraint_after_think(think))
+            if req.response_format == "json_object"
+            else None
+        ),
         sampling=sampling_params(req),
         max_tokens=max_output_tokens(req, settings),
         stop=(*template.stops, *(req.stop or ())),
