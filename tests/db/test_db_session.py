@@ -31,6 +31,7 @@ from rwkv_gateway.db.session import (
     make_session_factory,
     sqlite_path,
 )
+from rwkv_gateway.domain.roleplay_store import NewNode
 from support.postgres import BOTH
 
 DB_BACKENDS = BOTH
@@ -341,3 +342,42 @@ async def test_concurrent_logins_leave_one_token(sessions: async_sessionmaker[As
             await session.scalars(select(AuthToken.token_hash).where(AuthToken.user_id == user.id))
         ).all()
     assert len(tokens) == 1
+
+
+async def test_concurrent_turns_on_one_conversation_land_once(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Two replicas finishing a turn of the same chat at once: the turn's check that the chat did not
+    move on holds under the conversation's lock, so exactly one turn lands and the tree stays a path."""
+    async with sessions() as session, session.begin():
+        _, _, conversation = await seed_chat(session, "user-1")
+    storage = SqlStorage(sessions)
+    after = conversation.current_node_id
+
+    async def turn(i: int) -> bool:
+        async with storage.transaction() as uow:
+            chat = await uow.conversations.get_by_id(conversation.id, lock=True)
+            assert chat is not None
+            if chat.current_node_id != after:
+                return False
+            node = await uow.conversations.add_node(
+                NewNode(conversation.id, after, 3, "user", f"turn {i}", f"turn {i}", None, 40)
+            )
+            await uow.conversations.set_current(conversation.id, node.id)
+            await uow.commit()
+            return True
+
+    # Open a connection for each turn first, so none gets a head start while the others connect.
+    opened = asyncio.Barrier(WRITERS)
+
+    async def connect() -> None:
+        async with engine.connect() as conn:  # a plain connection: on SQLite, no write lock
+            await conn.execute(select(1))
+            await opened.wait()
+
+    await asyncio.gather(*(connect() for _ in range(WRITERS)))
+    results = await asyncio.gather(*(turn(i) for i in range(WRITERS)))
+    assert sorted(results) == [False] * (WRITERS - 1) + [True]
+    async with sessions() as session:
+        query = select(func.count()).select_from(ConversationNode).where(ConversationNode.parent_id == after)
+        assert await session.scalar(query) == 1

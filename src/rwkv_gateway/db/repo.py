@@ -344,8 +344,10 @@ class ConversationRepo:
         )
         return (await self.session.scalars(query)).first()
 
-    async def get_by_id(self, conversation_id: int) -> Conversation | None:
-        return await self.session.get(Conversation, conversation_id)
+    async def get_by_id(self, conversation_id: int, *, lock: bool = False) -> Conversation | None:
+        # FOR UPDATE (PostgreSQL; SQLite's write lock taken at BEGIN does the same) holds other
+        # replicas' writers of this conversation until this transaction ends.
+        return await self.session.get(Conversation, conversation_id, with_for_update=True if lock else None)
 
     async def add(self, user_id: int, character_id: int) -> Conversation:
         conversation = Conversation(user_id=user_id, character_id=character_id)

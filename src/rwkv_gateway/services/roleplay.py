@@ -310,7 +310,7 @@ class RoleplayService:
         await self._states.put(engine, post_key, post)
         async with self._storage.transaction() as uow:
             conversations = uow.conversations
-            conversation = await conversations.get_by_id(turn.conversation_id)
+            conversation = await conversations.get_by_id(turn.conversation_id, lock=True)
             if conversation is None or conversation.current_node_id != turn.after_id:
                 raise GenerationFailed("the chat changed while the reply was generated")
             user_node = await conversations.add_node(
