@@ -83,7 +83,12 @@ def reap_orphans() -> int:
 
 
 def _run_as() -> pwd.struct_passwd | None:
-    return pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        raise PostgresUnavailable("PostgreSQL refuses to run as root; no user 'nobody' here") from None
 
 
 class PostgresServer:
