@@ -106,6 +106,10 @@ async def test_a_database_outage_is_reported_and_survived(
         baidu = await clients.baidu()
         assert baidu.status_code == 200
         assert baidu.json()["error_code"] == 336100  # Baidu's retryable "try again later"
+        oauth = await clients.c.post(
+            f"/oauth/2.0/token?grant_type=client_credentials&client_id={clients.ak}&client_secret={clients.sk}"
+        )
+        assert oauth.status_code == 200 and oauth.json()["error_code"] == 336100  # no token issued
 
         roleplay = await clients.roleplay_call("/characters/list", clients.roleplay)
         assert (roleplay["data"], roleplay["code"]) == (None, 503), roleplay
