@@ -48,10 +48,11 @@ def test_demo_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--model", "/nonexistent/model.pth"], "model file not found"),
-        (["--strategy", "gpu fp64"], "invalid strategy"),
-        (["--model", "GARBAGE"], "not a PyTorch checkpoint"),
-        (["--tokenizer", "GARBAGE"], "tokenizer"),
-        (["--port", "99999"], "port"),
+        # Each case starts a server process; one is enough for the README's command.
+        pytest.param(["--strategy", "gpu fp64"], "invalid strategy", marks=pytest.mark.slow),
+        pytest.param(["--model", "GARBAGE"], "not a PyTorch checkpoint", marks=pytest.mark.slow),
+        pytest.param(["--tokenizer", "GARBAGE"], "tokenizer", marks=pytest.mark.slow),
+        pytest.param(["--port", "99999"], "port", marks=pytest.mark.slow),
     ],
 )
 def test_serve_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

@@ -107,7 +107,15 @@ def test_revoke_by_key_id_and_prefix(tmp_path: Path) -> None:
     assert len(everything) == 3 and all(r["revoked_at"] for r in everything)
 
 
-@pytest.mark.parametrize("identifier", ["sk-rwkv-nope", "12345", "no-such-ak"])
+@pytest.mark.parametrize(
+    "identifier",
+    # One CLI process each; one is enough for the README's command.
+    [
+        "sk-rwkv-nope",
+        pytest.param("12345", marks=pytest.mark.slow),
+        pytest.param("no-such-ak", marks=pytest.mark.slow),
+    ],
+)
 def test_revoke_unknown_fails_with_one_line(tmp_path: Path, identifier: str) -> None:
     create(tmp_path, "openai")
     out = run_cli("keys", "revoke", identifier, "--data-dir", str(tmp_path))

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
+import pytest
 
 SUITE = Path(__file__).parent / "rwkv_api_suite" / "tests"
 SDK_TESTS = 46
@@ -40,6 +41,7 @@ def test_vendored_suite_is_the_sdk_suite() -> None:
     assert 'BASE_URL = "http://localhost:8000"' in (SUITE / "conftest.py").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # the vendored suite takes ~15 s; CI runs it after the README's command
 def test_sdk_suite_passes(sdk_server: str, tmp_path: Path) -> None:
     models = httpx.get(f"{sdk_server}/v1/models", timeout=5)
     assert models.status_code == 200  # the suite skips everything otherwise

@@ -176,7 +176,8 @@ def serve_hub(hub: FakeHub) -> Iterator[FakeHub]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
+    # A short poll interval: shutdown() waits for the next poll (0.5 s by default) at every test's end.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-hub", daemon=True)
     thread.start()
     try:
         yield hub

@@ -243,8 +243,9 @@ def test_an_interrupted_pull_resumes(hub: FakeHub, hf_env: dict[str, str]) -> No
     ("spec", "message"),
     [
         (f"hf://{REPO}/missing.pth", "no file missing.pth"),
-        (f"hf://{REPO}/garbage.pth", "not a PyTorch checkpoint"),
-        ("/models/local.pth", "pull takes a hub spec"),
+        # One CLI process each; one is enough for the README's command.
+        pytest.param(f"hf://{REPO}/garbage.pth", "not a PyTorch checkpoint", marks=pytest.mark.slow),
+        pytest.param("/models/local.pth", "pull takes a hub spec", marks=pytest.mark.slow),
     ],
 )
 def test_pull_errors_are_one_line(hub: FakeHub, hf_env: dict[str, str], spec: str, message: str) -> None:

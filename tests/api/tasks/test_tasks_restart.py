@@ -26,6 +26,7 @@ from rwkv_gateway.db.session import create_db_engine
 from support.postgres import BOTH
 
 DB_BACKENDS = BOTH
+POSTGRESQL_SLOW = True  # the README's command stays under 5 minutes; CI runs these in the slow tier
 PROMPT = "The lighthouse keeper"
 
 
