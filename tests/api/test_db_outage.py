@@ -109,7 +109,10 @@ async def test_a_database_outage_is_reported_and_survived(
         oauth = await clients.c.post(
             f"/oauth/2.0/token?grant_type=client_credentials&client_id={clients.ak}&client_secret={clients.sk}"
         )
-        assert oauth.status_code == 200 and oauth.json()["error_code"] == 336100  # no token issued
+        # The token endpoint answers in its OAuth shape (RFC 6749's "try again later"); no token issued.
+        assert oauth.status_code == 503 and oauth.headers["Retry-After"] == "5"
+        assert oauth.json()["error"] == "temporarily_unavailable", oauth.text
+        assert "database unavailable" in oauth.json()["error_description"]
 
         roleplay = await clients.roleplay_call("/characters/list", clients.roleplay)
         assert (roleplay["data"], roleplay["code"]) == (None, 503), roleplay

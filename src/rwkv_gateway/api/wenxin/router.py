@@ -9,6 +9,7 @@ the body (schemas.py) and admission. Every failure is HTTP 200 `{"error_code", "
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any
 from urllib.parse import parse_qsl
@@ -23,6 +24,7 @@ from rwkv_gateway.api.wenxin.auth import authenticate
 from rwkv_gateway.api.wenxin.errors import API_NAME_NOT_EXIST, WenxinError, WenxinErrors
 from rwkv_gateway.api.wenxin.schemas import parse_chat_request
 from rwkv_gateway.api.wenxin.serving import ChatCompletion, dumps
+from rwkv_gateway.errors import StorageUnavailable
 from rwkv_gateway.services.credentials import IssuedToken
 from rwkv_gateway.settings import Settings
 
@@ -68,8 +70,21 @@ def _token_body(issued: IssuedToken, settings: Settings) -> dict[str, Any]:
 async def oauth_token(request: Request, credentials: CredentialsDep, settings: SettingsDep) -> JSONResponse:
     """Issue an access token for an AK/SK pair (`grant_type=client_credentials&client_id=AK&
     client_secret=SK`, in the query or a form body), or renew one (`grant_type=refresh_token`).
-    Failures use the OAuth shape: 401 `invalid_client`, 400 `unsupported_grant_type` / `invalid_request`."""
+    Failures use the OAuth shape: 401 `invalid_client`, 400 `unsupported_grant_type` / `invalid_request`,
+    503 `temporarily_unavailable` while the database cannot be reached."""
     params = await _oauth_params(request)
+    try:
+        return await _oauth_grant(params, credentials, settings)
+    except StorageUnavailable as exc:
+        # RFC 6749's code for "try again later", in the OAuth shape this endpoint always answers in.
+        response = _oauth_error(503, "temporarily_unavailable", exc.message)
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
+
+
+async def _oauth_grant(
+    params: dict[str, str], credentials: CredentialsDep, settings: Settings
+) -> JSONResponse:
     grant = params.get("grant_type", "")
     ttl = settings.wenxin_token_ttl_s
     if not grant:
