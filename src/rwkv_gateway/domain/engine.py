@@ -54,6 +54,8 @@ class SnapshotStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def forget_cached(self, key: str) -> None: ...
+
 
 class TokenStream(Protocol):
     """Events of one admitted request: `TextDelta`s, then exactly one `Finish`."""

@@ -417,6 +417,12 @@ class StateStore:
                 self._drop(key)
             self._path(digest).unlink(missing_ok=True)
 
+    def forget_cached(self, key: str) -> None:
+        """Forget `key` in RAM only: the next get reads its file again (which another replica
+        sharing the data directory may have rewritten)."""
+        with self._lock:
+            self._drop(key)
+
     def __contains__(self, key: str) -> bool:
         with self._lock:
             if key in self._lru:

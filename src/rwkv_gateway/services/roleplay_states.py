@@ -48,6 +48,9 @@ class _MemoryStore:
     def delete(self, key: str) -> None:
         self._snaps.pop(key, None)
 
+    def forget_cached(self, key: str) -> None:
+        """Nothing to do: this store is its own only copy."""
+
 
 def new_node_key() -> str:
     return NODE_KEY_PREFIX + uuid.uuid4().hex

@@ -17,6 +17,7 @@ from taskhelp import (
     Served,
     create,
     engine_tokens,
+    eventually,
     generate,
     wait_finished,
     wait_status,
@@ -146,3 +147,45 @@ async def test_a_template_made_by_another_model_cannot_be_continued(
             409,
             {"detail": "The state of this task was lost (it was made by another model?)"},
         )
+
+
+async def seen(served: Served, task_id: str, text: str) -> None:
+    """Wait until `served` answers `text` for the task: another replica's run is saved just after it
+    reports finished."""
+
+    async def probe() -> bool:
+        return bool((await wait_finished(served.client, task_id))["result"] == text)
+
+    await eventually(probe)
+
+
+async def test_another_replicas_continue_and_delete_are_seen(app_on: RestartFactory, tmp_path: Path) -> None:
+    """Two apps on one database and one data directory, as two replicas behind a proxy: a persistent
+    task each holds in RAM follows what the other did to it (docs/deployment.md)."""
+    data_dir = tmp_path / "data"
+    async with app_on(data_dir) as a, app_on(data_dir) as b:
+        task_id, text = await generate(a.client, "create", prompt=PROMPT, max_tokens=5, **GREEDY)
+        await seen(b, task_id, text)  # now in b's RAM too
+        await post(a, f"/v1/tasks/{task_id}/continue", max_tokens=4)
+        on_a = (await wait_finished(a.client, task_id))["result"]
+        assert on_a.startswith(text) and on_a != text
+        # b sees a's continuation and continues from a's state, not from its own stale copy.
+        await seen(b, task_id, on_a)
+        await post(b, f"/v1/tasks/{task_id}/continue", max_tokens=3)
+        on_b = (await wait_finished(b.client, task_id))["result"]
+        _, expected = await generate(a.client, prompt=PROMPT, max_tokens=12, **GREEDY)
+        assert on_b == expected
+        await seen(a, task_id, on_b)
+        await post(b, f"/v1/tasks/{task_id}/delete")
+        assert (await a.client.get(f"/v1/tasks/{task_id}/get_result")).status_code == 404
+        # One replica alone keeps its objects: nothing is reloaded while no one else writes.
+        services = a.app.state.services
+        mine, _ = await generate(a.client, "create", prompt=PROMPT, max_tokens=2, **GREEDY)
+        await wait_finished(a.client, mine)
+        held = await eventually(lambda: _saved(services, mine))
+        assert await services.tasks.get(services.model.engine, mine) is held
+
+
+async def _saved(services: Any, task_id: str) -> Any:
+    task = await services.tasks.get(services.model.engine, task_id)
+    return task if task.saved_row is not None and task.saved_row.result == task.result else None

@@ -26,6 +26,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from rwkv_gateway.domain.engine import TextCodec, TokenStream
+from rwkv_gateway.domain.task_store import StoredTask
 from rwkv_gateway.domain.types import SamplingParams, Snapshot
 from rwkv_gateway.errors import GatewayError, NotFound
 
@@ -208,6 +209,9 @@ class Task:
         self.save_lock = asyncio.Lock()
         #: The snapshot last written to the state store (to skip rewriting an unchanged one).
         self.saved_state: Snapshot | None = None
+        #: What this process last wrote to (or read from) storage for the task, to notice another
+        #: replica's writes (`TaskRegistry.get`); None until the row has been written once.
+        self.saved_row: StoredTask | None = None
         self._changed = asyncio.Event()
 
     @classmethod

@@ -5,7 +5,9 @@ Persistent tasks (`TASK_`) and templates (`_TMPL_`) are written to storage (meta
 write one short transaction of a `TaskUnit`: domain/task_store.py) and
 their snapshots to the engine's state store with `persist=True`, after creation and after every run,
 so they survive restarts; only the most recently used of them stay in RAM, and one that left is
-loaded again when asked for.
+loaded again when asked for. Several replicas may share the storage (docs/deployment.md): a persistent
+task held in RAM is checked against its row whenever it is asked for, and loaded again (or dropped)
+when another replica has continued, re-prompted or deleted it since this one last wrote or read it.
 """
 
 from __future__ import annotations
@@ -91,13 +93,15 @@ class TaskRegistry:
         if not is_task_id(task_id):
             raise TaskNotFound
         task = self._tasks.get(task_id)
-        if task is None and TaskKind.of(task_id).persistent:
+        if TaskKind.of(task_id).persistent and (task is None or _settled(task)):
             async with self._load_lock:
                 task = self._tasks.get(task_id)
                 if task is None:
                     task = await self._load(engine, task_id)
                     if task is not None:
                         self.register(task)
+                elif _settled(task):
+                    task = await self._refresh(engine, task)
         if task is None:
             raise TaskNotFound
         if task_id in self._tasks:
@@ -114,12 +118,34 @@ class TaskRegistry:
 
     # ------------------------------------------------------------------ storage
 
+    async def _refresh(self, engine: Engine, task: Task) -> Task | None:
+        """`task` as its row now stands: the same object unless another replica wrote or deleted the
+        row since this process last did (a row never written, because its save failed, keeps RAM)."""
+        async with self._storage.transaction() as uow:
+            row = await uow.tasks.get(task.id)
+        if task.saved_row is None or row == task.saved_row:
+            return task
+        self.drop(task)
+        task.deleted = True  # this copy is stale: its subscribers stop, nothing saves it again
+        if row is None:
+            logger.info("task %s was deleted by another replica", task.id)
+            return None
+        logger.info("task %s was changed by another replica; loading it again", task.id)
+        if row.state_key is not None and engine.snapshots is not None:
+            await asyncio.to_thread(engine.snapshots.forget_cached, row.state_key)
+        fresh = await self._from_row(engine, row)
+        self.register(fresh)
+        return fresh
+
     async def _load(self, engine: Engine, task_id: str) -> Task | None:
         async with self._storage.transaction() as uow:
             row = await uow.tasks.get(task_id)
-        if row is None:
-            return None
+        return None if row is None else await self._from_row(engine, row)
+
+    async def _from_row(self, engine: Engine, row: StoredTask) -> Task:
         task = _from_stored(row)
+        task.saved_row = row
+        task_id = row.task_id
         if row.state_key is not None:
             store = engine.snapshots
             snap = None
@@ -152,9 +178,11 @@ class TaskRegistry:
                         task.saved_state = state
                 elif state is not None:
                     logger.warning("no state store: the state of task %s will not survive a restart", task.id)
+                stored = _to_stored(task, key, pending)
                 async with self._storage.transaction() as uow:
-                    await uow.tasks.save(_to_stored(task, key, pending))
+                    await uow.tasks.save(stored)
                     await uow.commit()
+                task.saved_row = stored
             except Exception:
                 logger.exception("saving task %s failed", task.id)
         self.evict()  # the task may leave RAM now that its row is written
@@ -167,6 +195,11 @@ class TaskRegistry:
                 await uow.commit()
             if engine.snapshots is not None:
                 await asyncio.to_thread(engine.snapshots.delete, task.state_key)
+
+
+def _settled(task: Task) -> bool:
+    """Neither running nor being written: what is in RAM should equal the row."""
+    return not task.deleted and task.run is None and not task.save_lock.locked()
 
 
 def _to_stored(task: Task, state_key: str | None, pending: list[int]) -> StoredTask:
