@@ -102,10 +102,7 @@ def start_postgres() -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the session (tests/support/postgres.py); each test takes a fresh
-    database on it. Tests that stop the server use `own_postgres` instead."""
+def running_postgres() -> Iterator[PostgresServer]:
     server = start_postgres()
     try:
         yield server
@@ -113,14 +110,11 @@ def postgres() -> Iterator[PostgresServer]:
         server.close()
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of the test's own, which it may stop and start (outages)."""
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.close()
+#: One PostgreSQL server for the session (tests/support/postgres.py); each test takes a fresh database
+#: on it. Tests that stop the server use `own_postgres` instead.
+postgres = pytest.fixture(scope="session", name="postgres")(running_postgres)
+#: A PostgreSQL server of the test's own, which it may stop and start (outages).
+own_postgres = pytest.fixture(name="own_postgres")(running_postgres)
 
 
 @pytest.fixture

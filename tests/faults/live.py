@@ -1,14 +1,18 @@
 """What the fault tests share besides tests/support/: the type of their `app_factory` fixture, and the
-role-play UI's form client and character.
+role-play UI's form client (in process and against a live server) and character.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
+import httpx
+
 from support.app import Served
+from support.live import LiveServer, log_tail
 
 _JS_SAFE = "-_.!~*'()"
 
@@ -23,6 +27,15 @@ def form(fields: dict[str, Any]) -> dict[str, Any]:
         f"{quote(str(k), safe=_JS_SAFE)}={quote(str(v), safe=_JS_SAFE)}" for k, v in fields.items()
     )
     return {"content": body.encode(), "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+
+
+def call(live: LiveServer, path: str, fields: dict[str, Any]) -> Any:
+    """POST a role-play form to a live server; its `data`, the call having succeeded."""
+    resp = httpx.post(f"{live.url}{path}", **form(fields), timeout=60)
+    assert resp.status_code == 200, resp.text
+    out = json.loads(resp.content)
+    assert (out["message"], out["code"]) == ("success", 200), (path, out, log_tail(live.log))
+    return out["data"]
 
 
 def reply_frames(text: str) -> list[str]:

@@ -6,17 +6,15 @@ state file reads back, the SQLite database passes its integrity check, and no te
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import signal
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
-from live import CARD, GREEDY, form, reply_frames
+from live import CARD, GREEDY, call, form, reply_frames
 
 from rwkv_gateway.engine.states import load_snapshot
 from support.live import LiveServer, log_tail, start_server
@@ -24,14 +22,6 @@ from support.live import LiveServer, log_tail, start_server
 KILLS = 20
 CONVERSATIONS = 3
 SETTINGS = {"roleplay_max_reply_tokens": "16", "prefill_chunk": "16"}
-
-
-def call(live: LiveServer, path: str, fields: dict[str, Any]) -> Any:
-    resp = httpx.post(f"{live.url}{path}", **form(fields), timeout=60)
-    assert resp.status_code == 200, resp.text
-    out = json.loads(resp.content)
-    assert (out["message"], out["code"]) == ("success", 200), (path, out, log_tail(live.log))
-    return out["data"]
 
 
 def check_disk(data_dir: Path, checked: dict[Path, int]) -> int:

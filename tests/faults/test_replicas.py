@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from live import CARD, GREEDY, form, reply_frames
+from live import CARD, GREEDY, call, form, reply_frames
 
 from rwkv_gateway.engine.states import load_snapshot
 from support.live import CLI, LiveServer, log_tail, start_server
@@ -44,14 +44,6 @@ def cli(db_url: str, *args: str) -> str:
     out = subprocess.run([*CLI, *args, "--db-url", db_url], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def call(live: LiveServer, path: str, fields: dict[str, Any]) -> Any:
-    resp = httpx.post(f"{live.url}{path}", **form(fields), timeout=60)
-    assert resp.status_code == 200, resp.text
-    out = json.loads(resp.content)
-    assert (out["message"], out["code"]) == ("success", 200), (path, out, log_tail(live.log))
-    return out["data"]
 
 
 def envelope(live: LiveServer, path: str, fields: dict[str, Any]) -> dict[str, Any]:
