@@ -177,6 +177,16 @@ async def test_auto_tool_mode_text_never_opens_a_call(engine: Scheduler, tokeniz
         assert TOOL_CALL_BEGIN not in text or text.startswith(TOOL_CALL_BEGIN)
 
 
+def test_none_tool_mode_is_text_without_calls(tokenizer: Tokenizer) -> None:
+    """tool_choice "none" with tools in the prompt: any text, or none, but never a call (no tools needed)."""
+    constraint = OutputConstraint("tool_calls", tool_mode="none")
+    grammars = Grammars(tokenizer, 65536)
+    assert accepts(grammars, constraint, "Just text, <b>no</b> call.")
+    assert accepts(grammars, constraint, "")
+    assert not accepts(grammars, constraint, '<tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    assert not accepts(grammars, constraint, "Let me call <tool_call>")
+
+
 def accepts(grammars: Grammars, constraint: OutputConstraint, text: str) -> bool:
     """Whether `text` (tokenized as the model would write it) is a complete reply of `constraint`."""
     row = grammars.row(constraint)

@@ -24,11 +24,15 @@ engine's grammar allows (docs/structured-output.md#tool-calls):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
+
+#: Tool names as OpenAI allows them (and dots); anything else could not be written into a grammar verbatim.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 ConstraintKind = Literal["json_object", "json_schema", "grammar", "tool_calls"]
 
@@ -53,7 +57,8 @@ class OutputConstraint:
       (both are enforced; strict additionally forbids properties the schema does not name).
     - `grammar`: `grammar` is a raw grammar in the engine's syntax (docs/structured-output.md).
     - `tool_calls`: with `tool_mode="required"` the whole reply is one or more calls (one only
-      unless `parallel`); with `"auto"` the reply is either plain text or calls.
+      unless `parallel`); with `"auto"` the reply is either plain text or calls; with `"none"` it is
+      plain text that never opens a call (the prompt may still list the tools; `tools` may be empty).
 
     The reply ends when the constrained value is complete (`Finish.reason` "stop"); `max_tokens`
     hit first ends it with "length" and the value is partial.
@@ -64,7 +69,7 @@ class OutputConstraint:
     strict: bool = False
     grammar: str | None = None
     tools: tuple[ToolSpec, ...] = ()
-    tool_mode: Literal["auto", "required"] = "required"
+    tool_mode: Literal["auto", "required", "none"] = "required"
     parallel: bool = True
     #: Allow one space before the JSON value or the first call (not for `grammar`). After a chat
     #: prompt's `Assistant:` RWKV models begin with a space-led token (` {`), so forbidding the space

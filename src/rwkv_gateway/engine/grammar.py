@@ -30,7 +30,13 @@ import llguidance
 import numpy
 import torch
 
-from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, OutputConstraint, ToolSpec
+from rwkv_gateway.domain.constraints import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_NAME,
+    OutputConstraint,
+    ToolSpec,
+)
 from rwkv_gateway.engine.threads import on_one_thread
 from rwkv_gateway.engine.tokenizer import Tokenizer
 from rwkv_gateway.errors import InvalidParameter
@@ -50,8 +56,6 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": 
 MAX_SCHEMA_CHARS = 64 * 1024
 #: Compiled grammars kept per engine (docs/structured-output.md#limits).
 CACHE_SIZE = 64
-#: Tool names as OpenAI allows them; anything else could not be written into the grammar verbatim.
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: llguidance marks a special token (the end of text) by a leading 0xFF byte, which UTF-8 never uses.
 _SPECIAL = b"\xff"
 #: Schema keywords whose value is one subschema, a mapping of names to subschemas, or a list of them.
@@ -382,7 +386,12 @@ def tool_call_lark(constraint: OutputConstraint) -> str:
     """The Lark grammar of a tool-call constraint (the exact bytes: domain/constraints.py).
 
     `required`: one call, or calls separated by "\\n" when `parallel`. `auto`: that, or any text
-    that never contains the call opening (llguidance's regex intersection `&` and negation `~`)."""
+    that never contains the call opening (llguidance's regex intersection `&` and negation `~`).
+    `none`: only such text, or nothing."""
+    opening = re.escape(TOOL_CALL_BEGIN).replace("/", "\\/")
+    text = f"TEXT: /(?s:.+)/ & ~/(?s:.*){opening}(?s:.*)/"
+    if constraint.tool_mode == "none":
+        return f"start: TEXT?\n{text}\n"
     if not constraint.tools:
         raise InvalidParameter("tool calls need at least one tool", param="tools")
     names = [tool.name for tool in constraint.tools]
@@ -403,14 +412,13 @@ def tool_call_lark(constraint: OutputConstraint) -> str:
         f"call: {begin} ({' | '.join(f'tool_{i}' for i in range(len(rules)))}) {end}",
         *rules,
     ]
-    if constraint.tool_mode != "required":
-        opening = re.escape(TOOL_CALL_BEGIN).replace("/", "\\/")
-        lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*){opening}(?s:.*)/")
+    if constraint.tool_mode == "auto":
+        lines.append(text)
     return "\n".join(lines) + "\n"
 
 
 def _tool_rule(i: int, tool: ToolSpec) -> str:
-    if not _TOOL_NAME.fullmatch(tool.name):
+    if not TOOL_NAME.fullmatch(tool.name):
         raise InvalidParameter(
             f"tool name {tool.name!r} must be 1 to 64 letters, digits, '_', '.' or '-'", param="tools"
         )

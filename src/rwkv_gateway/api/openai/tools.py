@@ -9,13 +9,12 @@ function make the whole reply calls. The prompt forms are domain/tool_calls.py's
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from rwkv_gateway.api.openai.schemas import ChatCompletionRequest, ChatMessageIn
-from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, OutputConstraint, ToolSpec
+from rwkv_gateway.domain.constraints import TOOL_NAME, OutputConstraint, ToolSpec
 from rwkv_gateway.domain.prompts import ChatMessage
 from rwkv_gateway.domain.tool_calls import (
     ToolCall,
@@ -26,14 +25,7 @@ from rwkv_gateway.domain.tool_calls import (
 )
 from rwkv_gateway.errors import InvalidParameter
 
-#: Function names as OpenAI allows them, and dots (which the engine's grammar allows too).
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ToolChoice = Literal["none", "auto", "required"]
-
-
-#: tool_choice "none" with tools: any text that never writes a call (llguidance Lark, the engine's raw
-#: grammar syntax; docs/structured-output.md#raw-grammar).
-NO_CALLS_GRAMMAR = f"start: TEXT?\nTEXT: /(?s:.+)/ & ~/(?s:.*){TOOL_CALL_BEGIN}(?s:.*)/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +51,7 @@ class ToolUse:
     @property
     def text_constraint(self) -> OutputConstraint | None:
         """With tools under "none": text that never writes a call, though the prompt offers them."""
-        return OutputConstraint(kind="grammar", grammar=NO_CALLS_GRAMMAR) if self.definitions else None
+        return OutputConstraint(kind="tool_calls", tool_mode="none") if self.definitions else None
 
 
 def _bad_tools(message: str) -> InvalidParameter:
@@ -73,7 +65,7 @@ def _definition(i: int, tool: object) -> ToolDefinition:
     if not isinstance(function, dict):
         raise _bad_tools(f"tools[{i}].function must be an object")
     name = function.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise _bad_tools(
             f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-', got {name!r}"
         )
