@@ -54,9 +54,13 @@ _TMP_SUFFIX = ".tmp"
 ORPHAN_TMP_AGE_S = 3600.0
 
 
-def _writer_tag() -> str:
+def _host() -> str:
     # Dots split the temp name's fields, so the host keeps none of its own.
-    return f"{socket.gethostname().replace('.', '_')}@{os.getpid()}"
+    return socket.gethostname().replace(".", "_")
+
+
+def _writer_tag() -> str:
+    return f"{_host()}@{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,7 +87,7 @@ def _orphaned(tmp: Path, now: float) -> bool:
     host, _, pid = tag.rpartition("@")
     if not pid.isdigit():
         return True
-    if host != socket.gethostname().replace(".", "_"):
+    if host != _host():
         return False
     return int(pid) == os.getpid() or not _pid_alive(int(pid))
 
