@@ -164,6 +164,15 @@ def chat_template(settings: Settings, model: ModelInfo) -> ChatTemplate:
     )
 
 
+def partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that could still grow into `tag`: a streamed reply holds
+    that much back until the next chunk says whether the tag came (`</think>`, `<tool_call>`)."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 class ReplyTrimmer:
     """Trims a streamed reply exactly as `str.strip()` trims the whole one.
 

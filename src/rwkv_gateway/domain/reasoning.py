@@ -13,18 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from rwkv_gateway.domain.prompts import ChatTemplate, ReplyTrimmer, ThinkMode
+from rwkv_gateway.domain.prompts import ChatTemplate, ReplyTrimmer, ThinkMode, partial_tag
 
 CLOSE_TAG = "</think>"
 THINKING: frozenset[ThinkMode] = frozenset({"short", "think", "long"})
-
-
-def _tag_start(text: str) -> int:
-    """Length of the longest end of `text` that could still grow into `</think>`."""
-    for k in range(min(len(text), len(CLOSE_TAG) - 1), 0, -1):
-        if text.endswith(CLOSE_TAG[:k]):
-            return k
-    return 0
 
 
 class ThinkSplitter:
@@ -70,7 +62,7 @@ class ThinkSplitter:
         if end >= 0:
             self._in_block = False
             return self._emit(text[:end], text[end + len(CLOSE_TAG) :], closed=True)
-        keep = _tag_start(text)
+        keep = partial_tag(text, CLOSE_TAG)
         self._held = text[len(text) - keep :]
         return self._emit(text[: len(text) - keep], "")
 

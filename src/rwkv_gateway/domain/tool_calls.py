@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rwkv_gateway.domain.constraints import TOOL_CALL_BEGIN, TOOL_CALL_END
-from rwkv_gateway.domain.prompts import ReplyTrimmer
+from rwkv_gateway.domain.prompts import ReplyTrimmer, partial_tag
 
 TOOL_RESPONSE_BEGIN = "<tool_response>"
 TOOL_RESPONSE_END = "</tool_response>"
@@ -122,14 +122,6 @@ class ArgumentsDelta:
 CallEvent = ContentDelta | CallOpened | ArgumentsDelta
 
 
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could still grow into `tag`."""
-    for k in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
-
 class _ValueScanner:
     """Finds where one JSON value ends, one character at a time (strings, escapes, nesting)."""
 
@@ -212,7 +204,7 @@ class ToolCallSplitter:
                 continue
             start = text.find(TOOL_CALL_BEGIN)
             if start < 0:
-                keep = _partial_tag(text, TOOL_CALL_BEGIN)
+                keep = partial_tag(text, TOOL_CALL_BEGIN)
                 self._content(text[: len(text) - keep], events)
                 self._held = text[len(text) - keep :]
                 break
