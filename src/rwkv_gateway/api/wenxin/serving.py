@@ -26,8 +26,8 @@ from typing import Any
 from rwkv_gateway.api.wenxin.errors import error_json
 from rwkv_gateway.api.wenxin.schemas import WenxinChatRequest
 from rwkv_gateway.domain.constraints import OutputConstraint
-from rwkv_gateway.domain.engine import Engine, ModelInfo, TokenStream
-from rwkv_gateway.domain.prompts import ChatMessage, ThinkMode, chat_template
+from rwkv_gateway.domain.engine import Engine, TokenStream
+from rwkv_gateway.domain.prompts import ChatMessage, ChatTemplate, ThinkMode, chat_template
 from rwkv_gateway.domain.reasoning import ThinkSplitter, constraint_after_think, history_followup, split_reply
 from rwkv_gateway.domain.types import Finish, FinishReason, GenerationRequest, SamplingParams, TextDelta
 from rwkv_gateway.errors import GatewayError, GenerationFailed, InvalidParameter
@@ -85,10 +85,14 @@ def max_output_tokens(req: WenxinChatRequest, settings: Settings) -> int:
 
 
 def engine_request(
-    req: WenxinChatRequest, settings: Settings, model: ModelInfo, *, api_key_id: str | None = None
+    req: WenxinChatRequest,
+    settings: Settings,
+    template: ChatTemplate,
+    think: ThinkMode,
+    *,
+    api_key_id: str | None = None,
 ) -> GenerationRequest:
-    template = chat_template(settings, model)
-    think = template.think_mode(settings.glm_wenxin_think)
+    """The engine request for `req` on `template` in the think mode `think` (section 8 of docs/wenxin.md)."""
     followup, replaces = history_followup(template, think)
     return GenerationRequest(
         # Turn by turn, so a conversation that resends its history continues from cached states.
@@ -152,8 +156,10 @@ class ChatCompletion:
         cls, engine: Engine, req: WenxinChatRequest, settings: Settings, *, api_key_id: str | None
     ) -> ChatCompletion:
         # Admission before any response exists: a full queue is a real error answer, not a broken stream.
-        stream = await engine.submit(engine_request(req, settings, engine.info, api_key_id=api_key_id))
-        think = chat_template(settings, engine.info).think_mode(settings.glm_wenxin_think)
+        template = chat_template(settings, engine.info)
+        think = template.think_mode(settings.glm_wenxin_think)  # "off" on World models
+        request = engine_request(req, settings, template, think, api_key_id=api_key_id)
+        stream = await engine.submit(request)
         return cls(stream, tuple(req.stop or ()), response_id(), int(time.time()), think)
 
     def cancel(self) -> None:
