@@ -95,7 +95,9 @@ def split_reply(text: str, think: ThinkMode) -> tuple[str, str]:
 ReplyFollowup = Callable[[str], str | tuple[str, ...]]
 
 
-def history_followup(template: ChatTemplate, think: ThinkMode) -> tuple[ReplyFollowup, int]:
+def history_followup(
+    template: ChatTemplate, think: ThinkMode, history_form: Callable[[str], str] | None = None
+) -> tuple[ReplyFollowup, int]:
     """How a reply comes back as the next turn's history, and how many of the prompt's last pieces
     that replaces (`GenerationRequest.reply_followup` / `reply_followup_replaces`).
 
@@ -103,17 +105,21 @@ def history_followup(template: ChatTemplate, think: ThinkMode) -> tuple[ReplyFol
     With one, the prompt ended inside the block (`"Assistant: <think"`), but clients resend only the
     answer: the follow-up then replaces that last piece with `"Assistant:"` and `" {answer}\\n\\n"`, so
     the state kept after the reply is the one the next request continues from
-    (docs/chat-prompts.md#7-resent-history-after-thinking).
+    (docs/chat-prompts.md#7-resent-history-after-thinking). `history_form` rewrites the answer the way
+    the client will send it back (the OpenAI route's tool calls, docs/openai.md#tools).
     """
     think = template.think_mode(think)
-    if think == "off":
+    replaces = 0 if think == "off" else 1
+    if history_form is None and not replaces:
         return template.assistant_followup, 0
+    form = history_form or (lambda answer: answer)
 
-    def followup(reply: str) -> tuple[str, ...]:
+    def followup(reply: str) -> str | tuple[str, ...]:
         _, answer = split_reply(reply, think)
-        return f"{template.assistant_label}:", template.assistant_followup(answer)
+        turn = template.assistant_followup(form(answer))
+        return (f"{template.assistant_label}:", turn) if replaces else turn
 
-    return followup, 1
+    return followup, replaces
 
 
 def constraint_after_think(think: ThinkMode) -> Literal["none", "open", "closed"]:

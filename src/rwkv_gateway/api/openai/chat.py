@@ -31,7 +31,6 @@ from rwkv_gateway.domain.reasoning import (
     ThinkSplitter,
     constraint_after_think,
     history_followup,
-    split_reply,
 )
 from rwkv_gateway.domain.tool_calls import (
     ArgumentsDelta,
@@ -131,16 +130,12 @@ def reply_followup(template: ChatTemplate, think: ThinkMode, tools: bool) -> tup
     pieces that replaces: the answer without its think block
     (docs/chat-prompts.md#7-resent-history-after-thinking), and with tools its content, then its calls
     in their history form (docs/openai.md#tools)."""
-    followup, replaces = history_followup(template, think)
-    if not tools:
-        return followup, replaces
+    return history_followup(template, think, _calls_history if tools else None)
 
-    def with_calls(reply: str) -> str | tuple[str, ...]:
-        _, answer = split_reply(reply, think)
-        turn = template.assistant_followup(render_reply(*split_calls(answer)))
-        return (f"{template.assistant_label}:", turn) if replaces else turn
 
-    return with_calls, replaces
+def _calls_history(answer: str) -> str:
+    """An answer with calls as the client sends it back: its content, then the calls' history form."""
+    return render_reply(*split_calls(answer))
 
 
 class ChatCompletion(Completion):
